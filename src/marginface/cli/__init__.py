@@ -1,0 +1,69 @@
+"""The `marginface` command line: one entry point whose sub-commands live in one small module each.
+
+Each command module exposes `register(subparsers)`, which adds its parser and sets `func` to a callable
+taking the parsed namespace and returning an exit code. The modules only parse, validate and call the
+library; the work lives in the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from marginface import __version__
+from marginface.errors import MarginfaceError
+
+# Order is the order shown by `marginface --help`. A command whose module is absent is skipped, so that a
+# partial installation still offers what it has.
+COMMAND_MODULES = ("train", "eval", "search", "data", "export", "plot", "bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="marginface",
+        description="Train and evaluate face-recognition models with margin-based softmax losses.",
+        epilog="Run `marginface COMMAND --help` for the options and an example of each command.",
+    )
+    parser.add_argument("--version", action="version", version=f"marginface {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"marginface.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"marginface.cli.{name}":
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        # A command group without its sub-command (e.g. `marginface data`) shows that group's help.
+        (getattr(args, "group_parser", None) or parser).print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (MarginfaceError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+        # Expected user errors: one clear line, no traceback from deep inside (MARGINFACE_DEBUG=1 shows it).
+        if os.environ.get("MARGINFACE_DEBUG"):
+            raise
+        print(f"marginface {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"marginface {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def example_epilog(*examples: str) -> str:
+    """Format the `Example:` block every command's --help ends with."""
+    return "example:\n" + "\n".join(f"  {line}" for line in examples)
+
+
+def help_formatter() -> type[argparse.HelpFormatter]:
+    return argparse.RawDescriptionHelpFormatter

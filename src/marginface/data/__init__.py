@@ -1,0 +1,48 @@
+"""Training data: MXNet RecordIO, image folders and list files, transforms, 5-point alignment and sampling.
+
+Names load lazily so that `import marginface.data` stays cheap (no torch until a dataset is opened).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "open_dataset": "marginface.data.dataset",
+    "FaceDataset": "marginface.data.dataset",
+    "align": "marginface.data.align",
+    "estimate_similarity": "marginface.data.align",
+    "arcface_template": "marginface.data.align",
+    "ARCFACE_TEMPLATE": "marginface.data.align",
+    "RecordIOWriter": "marginface.data.recordio",
+    "RecordIOReader": "marginface.data.recordio",
+    "write_identity_dataset": "marginface.data.recordio",
+    "pack_header": "marginface.data.recordio",
+    "unpack_header": "marginface.data.recordio",
+    "DistributedIdentitySampler": "marginface.data.sampler",
+    "pack_dataset": "marginface.data.pack",
+    "inspect_dataset": "marginface.data.inspect",
+}
+
+__all__ = sorted([*_EXPORTS, "synthetic"])
+
+
+def synthetic(*args: Any, **kwargs: Any) -> Any:
+    """Build the procedural synthetic face-identity set; see `marginface.data.synth.synthetic`."""
+    from marginface.data.synth import synthetic as _synthetic
+
+    return _synthetic(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'marginface.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

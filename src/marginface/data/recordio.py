@@ -1,0 +1,559 @@
+"""MXNet RecordIO (`.rec` + `.idx` + `property`) read and written in pure Python, byte-compatible with dmlc.
+
+The framing, IRHeader and the two dataset layouts (insightface header/identity records, flat im2rec) follow
+spec/formats.md A1; no mxnet is needed at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from collections import namedtuple
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marginface.errors import ConfigError, DataFormatError
+
+MAGIC = 0xCED7230A
+MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LREC_MASK = (1 << 29) - 1
+_MAX_RECORD = 1 << 29
+_HEAD = struct.Struct("<II")
+_IR = struct.Struct("<IfQQ")
+IR_SIZE = _IR.size  # 24 bytes, no padding
+# Reading the whole span up to the next indexed record in one pread is the fast path; a span larger than this
+# (sparse index, huge record) is read part by part instead so memory stays bounded.
+_SPAN_LIMIT = 1 << 20
+
+IRHeader = namedtuple("IRHeader", ["flag", "label", "id", "id2"])
+IRHeader.__doc__ = "Record header: flag (0 = scalar label, N = N float32 labels follow), label, id, id2."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IRHeader
+
+
+def pack_header(label: float | Sequence[float], record_id: int = 0, id2: int = 0) -> bytes:
+    """Encode an IRHeader: a scalar label gives flag 0, a sequence flag=len and float32 labels after it."""
+    if isinstance(label, (int, float, np.integer, np.floating)):
+        return _IR.pack(0, float(label), int(record_id), int(id2))
+    labels = np.asarray(label, dtype="<f4").reshape(-1)
+    if labels.size == 0:
+        raise ConfigError("pack_header: label sequence is empty; expected a number or at least one value")
+    return _IR.pack(labels.size, 0.0, int(record_id), int(id2)) + labels.tobytes()
+
+
+def unpack_header(data: bytes) -> tuple[IRHeader, bytes]:
+    """Split a record into its IRHeader and payload; with flag>0 `label` is a float32 numpy array."""
+    if len(data) < IR_SIZE:
+        raise DataFormatError(f"record of {len(data)} bytes is shorter than the 24-byte IRHeader")
+    flag, label, rid, id2 = _IR.unpack_from(data, 0)
+    if flag == 0:
+        return IRHeader(flag, label, rid, id2), bytes(data[IR_SIZE:])
+    end = IR_SIZE + 4 * flag
+    if len(data) < end:
+        raise DataFormatError(
+            f"record header says {flag} float32 labels follow ({end} bytes) but the record has "
+            f"{len(data)} bytes"
+        )
+    labels = np.frombuffer(data, dtype="<f4", count=flag, offset=IR_SIZE).copy()
+    return IRHeader(flag, labels, rid, id2), bytes(data[end:])
+
+
+def header_class(header: IRHeader) -> float:
+    """The class id of an image record: the scalar label, or label[0] of a face2rec2 array label."""
+    return float(header.label if header.flag == 0 else header.label[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Framing
+
+
+def frame_record(data: bytes) -> bytes:
+    """Frame one record as dmlc-core does: split at every 4-byte-aligned magic, pad only the last part."""
+    n = len(data)
+    if n >= _MAX_RECORD:
+        raise ConfigError(f"record of {n} bytes is too large; RecordIO records must be < 2^29 bytes")
+    view = memoryview(data)
+    out = []
+    start = 0
+    cflag_next = 1
+    limit = (n >> 2) << 2
+    pos = data.find(MAGIC_BYTES, 0, limit)
+    while pos != -1:
+        if pos & 3 == 0:
+            out.append(_HEAD.pack(MAGIC, (cflag_next << 29) | (pos - start)))
+            out.append(view[start:pos])
+            cflag_next = 2
+            start = pos + 4
+            pos = data.find(MAGIC_BYTES, start, limit)
+        else:
+            pos = data.find(MAGIC_BYTES, pos + 1, limit)
+    last_cflag = 0 if cflag_next == 1 else 3
+    out.append(_HEAD.pack(MAGIC, (last_cflag << 29) | (n - start)))
+    out.append(view[start:])
+    out.append(b"\0" * ((-(n - start)) & 3))
+    return b"".join(out)
+
+
+class RecordIOWriter:
+    """Append records to `<rec>.tmp` and `<idx>.tmp`; `close()` renames both into place (context manager).
+
+    Leaving the `with` block through an exception deletes the temporary files, so nothing half-written is
+    ever found under the final names.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike) -> None:
+        self.rec_path = Path(rec_path)
+        self.idx_path = Path(idx_path)
+        self._rec_tmp = self.rec_path.with_name(self.rec_path.name + ".tmp")
+        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self._rec = open(self._rec_tmp, "wb")
+        self._idx = open(self._idx_tmp, "w", encoding="ascii")
+        self._offset = 0
+        self._keys: set[int] = set()
+        self.closed = False
+
+    @property
+    def tell(self) -> int:
+        """Byte offset at which the next record will start."""
+        return self._offset
+
+    def write(self, key: int, data: bytes) -> None:
+        """Write one record (IRHeader + payload bytes, see `pack_header`) under integer `key`."""
+        if self.closed:
+            raise ConfigError(f"RecordIOWriter for {self.rec_path} is closed")
+        key = int(key)
+        if key in self._keys:
+            raise ConfigError(f"{self.rec_path}: key {key} written twice; keys in a .idx must be unique")
+        self._keys.add(key)
+        framed = frame_record(bytes(data))
+        self._rec.write(framed)
+        self._idx.write(f"{key}\t{self._offset}\n")
+        self._offset += len(framed)
+
+    def overwrite(self, offset: int, framed: bytes) -> None:
+        """Overwrite already-written bytes in place (used to fill a fixed-size header reserved earlier)."""
+        self._rec.flush()
+        os.pwrite(self._rec.fileno(), framed, offset)
+
+    def reserve(self, key: int, size: int) -> int:
+        """Write `size` placeholder bytes indexed under `key`; returns their offset for `overwrite`."""
+        offset = self._offset
+        if key in self._keys:
+            raise ConfigError(f"{self.rec_path}: key {key} written twice; keys in a .idx must be unique")
+        self._keys.add(int(key))
+        self._rec.write(b"\0" * size)
+        self._idx.write(f"{int(key)}\t{offset}\n")
+        self._offset += size
+        return offset
+
+    def close(self) -> None:
+        """Flush, fsync and rename the temporary files to their final names."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle in (self._rec, self._idx):
+            handle.flush()
+            os.fsync(handle.fileno())
+            handle.close()
+        os.replace(self._rec_tmp, self.rec_path)
+        os.replace(self._idx_tmp, self.idx_path)
+
+    def abort(self) -> None:
+        """Close and delete the temporary files without touching the final names."""
+        if self.closed:
+            return
+        self.closed = True
+        for handle, tmp in ((self._rec, self._rec_tmp), (self._idx, self._idx_tmp)):
+            handle.close()
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> RecordIOWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def parse_idx(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Parse a `.idx` file into (keys, offsets) int64 arrays, in file order."""
+    idx_path = Path(idx_path)
+    raw = idx_path.read_bytes()
+    tokens = raw.split()
+    lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") or not raw else 1)
+    try:
+        if len(tokens) % 2:
+            raise ValueError
+        table = np.array(tokens, dtype=np.int64).reshape(-1, 2)
+        if len(table) != lines - _blank_lines(raw):
+            raise ValueError
+    except (ValueError, OverflowError):
+        _raise_idx_error(idx_path, raw)
+    if len(table) and table[:, 1].min() < 0:
+        bad = int(np.argmax(table[:, 1] < 0))
+        raise DataFormatError(f"{idx_path}: line {bad + 1}: negative offset {table[bad, 1]}")
+    return table[:, 0].copy(), table[:, 1].copy()
+
+
+def _blank_lines(raw: bytes) -> int:
+    return sum(1 for line in raw.splitlines() if not line.strip())
+
+
+def _raise_idx_error(idx_path: Path, raw: bytes) -> None:
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(b"\t")
+        if len(parts) != 2 or not all(p.strip().lstrip(b"-").isdigit() for p in parts):
+            text = line[:80].decode("ascii", "replace")
+            raise DataFormatError(
+                f"{idx_path}: line {number}: {text!r} is not 'key<TAB>offset' with two integers"
+            )
+    raise DataFormatError(f"{idx_path}: could not parse as 'key<TAB>offset' lines")
+
+
+def scan_rec(rec_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Rebuild an index by walking the `.rec` from the start; keys are the record ordinals 0..M-1."""
+    rec_path = Path(rec_path)
+    offsets = []
+    size = rec_path.stat().st_size
+    with open(rec_path, "rb") as handle:
+        fd = handle.fileno()
+        pos = 0
+        expect_start = True
+        while pos < size:
+            head = os.pread(fd, 8, pos)
+            if len(head) < 8:
+                raise DataFormatError(
+                    f"{rec_path}: truncated record head at byte {pos} (file has {size} bytes)"
+                )
+            magic, lrec = _HEAD.unpack(head)
+            if magic != MAGIC:
+                raise DataFormatError(
+                    f"{rec_path}: bad magic 0x{magic:08X} at byte {pos} while scanning; "
+                    f"expected 0x{MAGIC:08X}"
+                )
+            cflag, length = lrec >> 29, lrec & _LREC_MASK
+            if expect_start:
+                if cflag not in (0, 1):
+                    raise DataFormatError(
+                        f"{rec_path}: record at byte {pos} starts with continuation flag {cflag}"
+                    )
+                offsets.append(pos)
+            expect_start = cflag in (0, 3)
+            pos += 8 + length + ((-length) & 3)
+        if pos > size or not expect_start:
+            raise DataFormatError(f"{rec_path}: file ends inside the record starting at byte {offsets[-1]}")
+    off = np.asarray(offsets, dtype=np.int64)
+    return np.arange(len(off), dtype=np.int64), off
+
+
+class RecordIOReader:
+    """Random access to records by key via the `.idx`, with one lazily opened file descriptor per process.
+
+    The descriptor is (re)opened whenever the process id changes, so a reader created before DataLoader
+    workers fork never shares a file offset with them (reads use `os.pread`, which has no shared offset).
+    A missing `.idx` is rebuilt in memory by scanning the `.rec` (with a warning); nothing is written.
+    """
+
+    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None) -> None:
+        self.rec_path = Path(rec_path)
+        if not self.rec_path.is_file():
+            raise DataFormatError(f"{self.rec_path}: RecordIO file not found")
+        self.idx_path = Path(idx_path) if idx_path is not None else self.rec_path.with_suffix(".idx")
+        self.file_size = self.rec_path.stat().st_size
+        if self.idx_path.is_file():
+            keys, offsets = parse_idx(self.idx_path)
+        else:
+            warnings.warn(
+                f"{self.idx_path} not found: rebuilt index by scanning {self.rec_path} "
+                "(keys = record order; nothing written)",
+                stacklevel=2,
+            )
+            keys, offsets = scan_rec(self.rec_path)
+        if len(offsets):
+            far = offsets >= self.file_size
+            if far.any():
+                bad = int(np.argmax(far))
+                raise DataFormatError(
+                    f"{self.idx_path}: key {keys[bad]} points to byte {offsets[bad]}, "
+                    f"outside {self.rec_path} "
+                    f"({self.file_size} bytes)"
+                )
+        uniq = np.unique(keys)
+        if len(uniq) != len(keys):
+            raise DataFormatError(f"{self.idx_path}: duplicate keys; each key must appear once")
+        self.keys = keys
+        self.offsets = offsets
+        # Upper bound of each record's extent: the next indexed offset (or the end of the file).
+        order = np.argsort(offsets, kind="stable")
+        ends = np.empty_like(offsets)
+        ends[order[:-1]] = offsets[order[1:]]
+        if len(order):
+            ends[order[-1]] = self.file_size
+        self._spans = ends - offsets
+        self._pos_of_key: dict[int, int] | None = None
+        self._dense = len(keys) > 0 and uniq[0] >= 0 and uniq[-1] < 4 * len(keys) + 16
+        if self._dense:
+            lookup = np.full(int(uniq[-1]) + 1, -1, dtype=np.int64)
+            lookup[keys] = np.arange(len(keys))
+            self._lookup: np.ndarray | None = lookup
+        else:
+            self._lookup = None
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: int) -> bool:
+        return self._position(int(key), strict=False) >= 0
+
+    def _position(self, key: int, strict: bool = True) -> int:
+        if self._lookup is not None:
+            pos = int(self._lookup[key]) if 0 <= key < len(self._lookup) else -1
+        else:
+            if self._pos_of_key is None:
+                self._pos_of_key = {int(k): i for i, k in enumerate(self.keys.tolist())}
+            pos = self._pos_of_key.get(key, -1)
+        if pos < 0 and strict:
+            raise KeyError(f"{self.idx_path}: no record with key {key}")
+        return pos
+
+    def _file(self) -> int:
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:
+            self._fd = os.open(self.rec_path, os.O_RDONLY)
+            self._pid = pid
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+        self._pid = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown may have torn down os
+            pass
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fd"] = None
+        state["_pid"] = None
+        return state
+
+    def read(self, key: int) -> bytes:
+        """The record stored under `key` (IRHeader + payload), parts joined with their magic restored."""
+        pos = self._position(int(key))
+        return self._read_at(int(self.offsets[pos]), int(self._spans[pos]), int(key))
+
+    def read_prefix(self, key: int, nbytes: int = 64) -> bytes:
+        """The first up to `nbytes` of the record under `key` (enough for its IRHeader); one small pread."""
+        pos = self._position(int(key))
+        offset = int(self.offsets[pos])
+        fd = self._file()
+        head = os.pread(fd, 8 + nbytes, offset)
+        magic, length = self._check_head(head, offset, key)
+        cflag = length >> 29
+        length &= _LREC_MASK
+        if cflag == 0 or length >= nbytes:
+            return head[8 : 8 + min(length, nbytes)]
+        return self.read(key)[:nbytes]
+
+    def _check_head(self, head: bytes, offset: int, key: int) -> tuple[int, int]:
+        if len(head) < 8:
+            raise DataFormatError(
+                f"{self.rec_path}: key {key}: truncated at byte {offset} (file has {self.file_size} bytes); "
+                "expected an 8-byte record head"
+            )
+        magic, lrec = _HEAD.unpack_from(head, 0)
+        if magic != MAGIC:
+            raise DataFormatError(
+                f"{self.rec_path}: key {key}: bad magic 0x{magic:08X} at byte {offset}; "
+                f"expected 0x{MAGIC:08X} "
+                "(is the .idx from another .rec, or the file corrupt?)"
+            )
+        return magic, lrec
+
+    def _read_at(self, offset: int, span: int, key: int) -> bytes:
+        fd = self._file()
+        if span <= _SPAN_LIMIT:
+            buf = os.pread(fd, span, offset)
+        else:
+            buf = os.pread(fd, 8, offset)
+        magic, lrec = self._check_head(buf, offset, key)
+        cflag, length = lrec >> 29, lrec & _LREC_MASK
+        if cflag == 0:
+            if len(buf) >= 8 + length:
+                return buf[8 : 8 + length]
+            data = os.pread(fd, length, offset + 8) if len(buf) == 8 else buf[8:]
+            if len(data) < length:
+                self._truncated(key, offset, length)
+            return data
+        if cflag != 1:
+            raise DataFormatError(
+                f"{self.rec_path}: key {key}: record at byte {offset} begins with continuation flag {cflag}; "
+                "expected 0 (whole) or 1 (first part)"
+            )
+        parts = []
+        pos = offset
+        local = 0  # position of `pos` inside buf
+        while True:
+            if local + 8 > len(buf):
+                buf = os.pread(fd, min(max(span - (pos - offset), 8), _SPAN_LIMIT), pos)
+                local = 0
+            magic, lrec = self._check_head(buf[local : local + 8], pos, key)
+            cflag, length = lrec >> 29, lrec & _LREC_MASK
+            if local + 8 + length <= len(buf):
+                part = buf[local + 8 : local + 8 + length]
+            else:
+                part = os.pread(fd, length, pos + 8)
+                if len(part) < length:
+                    self._truncated(key, pos, length)
+            parts.append(part)
+            step = 8 + length + ((-length) & 3)
+            pos += step
+            local += step
+            if cflag == 3:
+                break
+            if cflag != (1 if len(parts) == 1 else 2):
+                raise DataFormatError(
+                    f"{self.rec_path}: key {key}: part at byte {pos - step} has flag {cflag}; expected 2 or 3"
+                )
+        return MAGIC_BYTES.join(parts)
+
+    def _truncated(self, key: int, offset: int, length: int) -> None:
+        raise DataFormatError(
+            f"{self.rec_path}: key {key}: record at byte {offset} needs {length} bytes of data but the file "
+            f"ends at byte {self.file_size} (truncated .rec)"
+        )
+
+    def read_header(self, key: int) -> IRHeader:
+        """Only the IRHeader of the record under `key` (reads a few dozen bytes)."""
+        prefix = self.read_prefix(key, 64)
+        try:
+            header, _ = unpack_header(prefix)
+        except DataFormatError:
+            header, _ = unpack_header(self.read(key))
+        return header
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Property file and whole datasets
+
+
+def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
+    """Parse the first line of an insightface `property` file: `num_classes,height,width`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: property file not found") from None
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    fields = [f.strip() for f in first.split(",")]
+    try:
+        if len(fields) != 3:
+            raise ValueError
+        classes, height, width = (int(f) for f in fields)
+        if classes <= 0 or height <= 0 or width <= 0:
+            raise ValueError
+    except ValueError:
+        raise DataFormatError(
+            f"{path}: first line {first[:60]!r} is not 'num_classes,height,width' "
+            "with three positive integers"
+        ) from None
+    return classes, height, width
+
+
+def write_property(
+    path: str | os.PathLike, num_classes: int, image_size: tuple[int, int], images: int
+) -> None:
+    """Write a `property` file atomically: `C,H,W`, then the image count (readers parse line 1 only)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{num_classes},{image_size[0]},{image_size[1]}\n{images}\n", encoding="ascii")
+    os.replace(tmp, path)
+
+
+def write_identity_dataset(
+    out_dir: str | os.PathLike,
+    samples: Iterable[tuple[int, bytes]],
+    num_classes: int,
+    image_size: tuple[int, int] = (112, 112),
+    flat: bool = False,
+    label_array: bool = False,
+) -> dict:
+    """Write `train.rec`, `train.idx` and `property` from (label, encoded image) pairs grouped by label.
+
+    Default is the insightface layout: key 0 a header `flag=2 [N+1, N+1+C]`, images at keys 1..N, identity
+    records `[first, end)` at keys N+1..N+C. `flat=True` writes the im2rec layout (images at keys 0..N-1, no
+    header or identity records). `label_array=True` stores face2rec2-style `[class, 1.0]` labels.
+    Samples must come in ascending label order; files appear under their final names only when complete.
+    """
+    out_dir = Path(out_dir)
+    num_classes = int(num_classes)
+    if num_classes <= 0:
+        raise ConfigError(f"write_identity_dataset: num_classes must be positive, got {num_classes}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec_path, idx_path = out_dir / "train.rec", out_dir / "train.idx"
+    start = 0 if flat else 1
+    counts = np.zeros(num_classes, dtype=np.int64)
+    images = 0
+    previous = -1
+    with RecordIOWriter(rec_path, idx_path) as writer:
+        header_offset = None
+        if not flat:
+            # The header record has a fixed size (40 bytes framed, no magic possible in its fields), so it can
+            # be reserved now and filled once N is known, keeping it first in the file as face2rec2 does.
+            header_offset = writer.reserve(0, 8 + IR_SIZE + 8)
+        for label, data in samples:
+            label = int(label)
+            if not 0 <= label < num_classes:
+                raise ConfigError(f"write_identity_dataset: label {label} outside 0..{num_classes - 1}")
+            if label < previous:
+                raise ConfigError(
+                    f"write_identity_dataset: samples must be grouped by label in ascending order; got label "
+                    f"{label} after {previous} (sample {images})"
+                )
+            previous = label
+            key = start + images
+            header = pack_header([label, 1.0] if label_array else label, record_id=key)
+            writer.write(key, header + bytes(data))
+            counts[label] += 1
+            images += 1
+        if not flat:
+            ends = start + np.cumsum(counts)
+            starts = ends - counts
+            for cls in range(num_classes):
+                key = images + 1 + cls
+                writer.write(key, pack_header([float(starts[cls]), float(ends[cls])], record_id=key))
+            header = pack_header([float(images + 1), float(images + 1 + num_classes)], record_id=0)
+            writer.overwrite(header_offset, frame_record(header))
+    write_property(out_dir / "property", num_classes, image_size, images)
+    return {
+        "path": str(out_dir),
+        "images": images,
+        "classes": num_classes,
+        "layout": "flat" if flat else "insightface",
+        "label_array": bool(label_array),
+        "image_size": [int(image_size[0]), int(image_size[1])],
+        "empty_classes": int((counts == 0).sum()),
+    }

@@ -557,3 +557,176 @@ def write_identity_dataset(
         "image_size": [int(image_size[0]), int(image_size[1])],
         "empty_classes": int((counts == 0).sum()),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A dataset view over a .rec: layout detection, image keys, labels
+
+
+def resolve_rec_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """(rec, idx, property) for a dataset directory holding `train.rec` or for a `.rec` file path."""
+    path = Path(path)
+    if path.is_dir():
+        recs = sorted(path.glob("*.rec"))
+        rec = path / "train.rec" if (path / "train.rec").is_file() else (recs[0] if len(recs) == 1 else None)
+        if rec is None:
+            found = ", ".join(p.name for p in recs) or "none"
+            raise DataFormatError(
+                f"{path}: expected train.rec (or a single .rec) in the directory; found {found}"
+            )
+    else:
+        rec = path
+    return rec, rec.with_suffix(".idx"), rec.parent / "property"
+
+
+class RecordIOSource:
+    """An insightface-layout or flat RecordIO dataset: image keys, class count and labels, read by position.
+
+    `labels` comes from the identity records when they tile the images (no image is touched), otherwise
+    from the image headers alone (one small read each). Labels are checked against `property`'s class count.
+    """
+
+    format = "recordio"
+
+    def __init__(self, path: str | os.PathLike, num_classes: int | None = None) -> None:
+        self.rec_path, idx_path, self.property_path = resolve_rec_paths(path)
+        self.path = self.rec_path
+        self.reader = RecordIOReader(self.rec_path, idx_path)
+        self.property: tuple[int, int, int] | None = None
+        if self.property_path.is_file():
+            self.property = read_property(self.property_path)
+        self.label_array = False
+        self._labels: np.ndarray | None = None
+        self._identity_ranges: np.ndarray | None = None
+        header = self._header_record()
+        if header is not None:
+            first, end = int(header.label[0]), int(header.label[1])
+            self.layout = "insightface"
+            self.image_keys = np.arange(1, first, dtype=np.int64)
+            self.identity_keys = np.arange(first, end, dtype=np.int64)
+        else:
+            self.layout = "flat"
+            self.image_keys = np.sort(self.reader.keys)
+            self.identity_keys = np.zeros(0, dtype=np.int64)
+        if len(self.image_keys) == 0:
+            raise DataFormatError(f"{self.rec_path}: RecordIO dataset holds no image records")
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
+        elif self.property is not None:
+            self.num_classes = self.property[0]
+        elif len(self.identity_keys):
+            self.num_classes = len(self.identity_keys)
+        else:
+            self.num_classes = (
+                1 << 24
+            )  # float32 labels are exact up to 2^24; the real count comes from labels
+            self.num_classes = int(self.labels.max()) + 1
+        self.image_size = (self.property[1], self.property[2]) if self.property is not None else None
+        first_header = self.reader.read_header(int(self.image_keys[0]))
+        self.label_array = first_header.flag > 0
+
+    def _header_record(self) -> IRHeader | None:
+        if 0 not in self.reader:
+            return None
+        header = self.reader.read_header(0)
+        if header.flag < 2:
+            return None
+        first, end = float(header.label[0]), float(header.label[1])
+        # A flat set with face2rec2 array labels also has flag 2 at key 0, but that record carries an image;
+        # the header record has no payload and its ranges point at existing keys.
+        if len(self.reader.read_prefix(0, IR_SIZE + 4 * header.flag + 1)) > IR_SIZE + 4 * header.flag:
+            return None
+        if not (first >= 1 and end >= first and first == int(first) and end == int(end)):
+            return None
+        if int(first) - 1 > len(self.reader) or (int(first) > 1 and (int(first) - 1) not in self.reader):
+            raise DataFormatError(
+                f"{self.reader.idx_path}: header record (key 0) says images are keys 1..{int(first) - 1} but "
+                f"key {int(first) - 1} is not in the index"
+            )
+        return header
+
+    def __len__(self) -> int:
+        return len(self.image_keys)
+
+    def describe_item(self, i: int) -> str:
+        return f"{self.rec_path} key {int(self.image_keys[i])}"
+
+    def _check_label(self, value: float, key: int) -> int:
+        label = int(value)
+        if label != value or not 0 <= label < self.num_classes:
+            source = f"{self.property_path}" if self.property is not None else "the class count"
+            raise DataFormatError(
+                f"{self.rec_path}: key {key}: label {value:g} outside 0..{self.num_classes - 1} "
+                f"(num_classes {self.num_classes} from {source}); expected an integer class id in range"
+            )
+        return label
+
+    def read_bytes(self, i: int) -> tuple[bytes, int]:
+        key = int(self.image_keys[i])
+        record = self.reader.read(key)
+        try:
+            header, payload = unpack_header(record)
+        except DataFormatError as exc:
+            raise DataFormatError(f"{self.rec_path}: key {key}: {exc}") from None
+        return payload, self._check_label(header_class(header), key)
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        from marginface.data.decode import decode_rgb
+
+        payload, label = self.read_bytes(i)
+        return decode_rgb(payload, where=self.describe_item(i)), label
+
+    @property
+    def identity_ranges(self) -> np.ndarray | None:
+        """(C, 2) int64 `[first_key, end_key)` per class from the identity records, or None (flat layout)."""
+        if self._identity_ranges is None and len(self.identity_keys):
+            ranges = np.empty((len(self.identity_keys), 2), dtype=np.int64)
+            for row, key in enumerate(self.identity_keys.tolist()):
+                header = self.reader.read_header(key)
+                if header.flag < 2:
+                    raise DataFormatError(
+                        f"{self.rec_path}: key {key}: identity record has flag {header.flag}; "
+                        "expected 2 labels [first_key, end_key)"
+                    )
+                ranges[row] = header.label[:2]
+            self._identity_ranges = ranges
+        return self._identity_ranges
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 class id of every image, in position order."""
+        if self._labels is None:
+            labels = self._labels_from_identities()
+            if labels is None:
+                labels = self._labels_from_headers()
+            self._labels = labels
+        return self._labels
+
+    def _labels_from_identities(self) -> np.ndarray | None:
+        ranges = self.identity_ranges
+        if ranges is None:
+            return None
+        first = int(self.image_keys[0])
+        # The ranges must tile the image keys in order; shuffled writers (rec2shufrec) break this, and then
+        # the per-image headers are the truth.
+        nonempty = ranges[ranges[:, 1] > ranges[:, 0]]
+        if not len(nonempty) or nonempty[0, 0] != first or nonempty[-1, 1] != first + len(self.image_keys):
+            return None
+        if (nonempty[1:, 0] != nonempty[:-1, 1]).any():
+            return None
+        counts = ranges[:, 1] - ranges[:, 0]
+        if (counts < 0).any():
+            return None
+        labels = np.repeat(np.arange(len(ranges), dtype=np.int64), counts)
+        if len(ranges) > self.num_classes:
+            self._check_label(float(labels.max()), int(self.image_keys[int(np.argmax(labels))]))
+        return labels
+
+    def _labels_from_headers(self) -> np.ndarray:
+        labels = np.empty(len(self.image_keys), dtype=np.int64)
+        for position, key in enumerate(self.image_keys.tolist()):
+            labels[position] = self._check_label(header_class(self.reader.read_header(key)), key)
+        return labels
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,153 @@
+"""`open_dataset`: one entry point for RecordIO, image folders and list files, as a torch Dataset.
+
+Items are `(float32 3xHxW in [-1, 1], int label)` after the training transform; `read(i)` gives the raw
+`(uint8 HxWx3 RGB, label)` for tools and tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from marginface.data.folders import ImageFolderSource, ListFileSource
+from marginface.data.recordio import RecordIOSource
+from marginface.data.transforms import FaceTransform
+from marginface.errors import DataFormatError
+
+
+def open_source(path: str | os.PathLike, num_classes: int | None = None) -> Any:
+    """The raw source behind a dataset path: RecordIOSource, ImageFolderSource or ListFileSource."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(
+            f"{path}: dataset not found; expected a RecordIO directory or .rec file, an image folder, "
+            "or a list file"
+        )
+    if path.is_dir():
+        if (path / "train.rec").is_file() or any(path.glob("*.rec")):
+            return RecordIOSource(path, num_classes=num_classes)
+        source = ImageFolderSource(path)
+        if num_classes is not None:
+            if num_classes < source.num_classes:
+                raise DataFormatError(
+                    f"{path}: {source.num_classes} identity folders but num_classes={num_classes}"
+                )
+            source.num_classes = int(num_classes)
+        return source
+    if path.suffix == ".rec":
+        return RecordIOSource(path, num_classes=num_classes)
+    if path.suffix == ".idx" and path.with_suffix(".rec").is_file():
+        return RecordIOSource(path.with_suffix(".rec"), num_classes=num_classes)
+    if path.name == "property":
+        return RecordIOSource(path.parent, num_classes=num_classes)
+    return ListFileSource(path, num_classes=num_classes)
+
+
+class FaceDataset(Dataset):
+    """A face-identity dataset with `len()`, `num_classes`, `labels`, `read(i)` and transformed items.
+
+    `set_epoch(e)` changes the flip pattern; it is a pure function of (seed, epoch, index), so workers and
+    resumed runs agree. File handles are opened lazily in each process.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        image_size: int | tuple[int, int] | None = None,
+        flip_p: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        self.source = source
+        self.transform = FaceTransform(image_size=image_size, flip_p=flip_p, seed=seed)
+        self.epoch = 0
+
+    # -- metadata ------------------------------------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        return Path(self.source.path)
+
+    @property
+    def format(self) -> str:
+        return self.source.format
+
+    @property
+    def layout(self) -> str:
+        return self.source.layout
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.source.num_classes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int64 label of every item (cheap: RecordIO reads identity records or headers only)."""
+        return self.source.labels
+
+    @property
+    def stored_size(self) -> tuple[int, int] | None:
+        """(height, width) recorded by the dataset (RecordIO `property`), if any."""
+        return self.source.image_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    # -- access --------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        """The decoded image (uint8 HxWx3 RGB, untransformed) and its label."""
+        return self.source.read(self._check_index(index))
+
+    def read_bytes(self, index: int) -> tuple[bytes, int]:
+        """The encoded image bytes and label, without decoding."""
+        return self.source.read_bytes(self._check_index(index))
+
+    def describe_item(self, index: int) -> str:
+        return self.source.describe_item(self._check_index(index))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = self._check_index(index)
+        image, label = self.source.read(index)
+        return self.transform(image, index=index, epoch=self.epoch), label
+
+    def _check_index(self, index: int) -> int:
+        index = int(index)
+        n = len(self.source)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} images")
+        return index
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FaceDataset({str(self.path)!r}, format={self.format}, layout={self.layout}, "
+            f"images={len(self)}, "
+            f"classes={self.num_classes}, {self.transform})"
+        )
+
+
+def open_dataset(
+    path: str | os.PathLike,
+    image_size: int | tuple[int, int] | None = None,
+    train: bool = True,
+    flip_p: float = 0.5,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> FaceDataset:
+    """Open a RecordIO set (directory or `.rec`), an image folder or a list file as a `FaceDataset`.
+
+    `image_size` resizes (e.g. 56 for the CPU demo); `train=False` disables the random flip; `num_classes`
+    overrides the class count found in the data (labels are checked against it).
+    """
+    source = open_source(path, num_classes=num_classes)
+    return FaceDataset(source, image_size=image_size, flip_p=flip_p if train else 0.0, seed=seed)

@@ -1,0 +1,93 @@
+"""The dense engine: one [B, C] cosine matrix, the margin applied on it, cross-entropy by log-sum-exp.
+
+It is the reference of every other engine, and it is also written to be fast: the class centres are never
+normalised into a copy (1/‖w_c‖ is folded into a per-column scale of the product), margins that leave the
+negatives alone only touch the B target logits, and the margin and softmax always run in fp32 or fp64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from marginface.margins.base import Margin, compute_dtype
+
+BatchReduce = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]
+
+_NORM_EPS = 1e-12
+
+
+def inverse_norms(weight: Tensor) -> Tensor:
+    """1/‖w_c‖ per class centre: folded into the product instead of normalising a [C, D] copy."""
+    return torch.rsqrt(weight.pow(2).sum(1).clamp_min(_NORM_EPS**2))
+
+
+def cosine_matrix(embeddings: Tensor, weight: Tensor) -> Tensor:
+    """cos θ between every embedding [B, D] and every class centre [C, D] -> [B, C]."""
+    return (F.normalize(embeddings, dim=1, eps=_NORM_EPS) @ weight.t()) * inverse_norms(weight)
+
+
+class DenseEngine:
+    """Materialises the full cosine matrix; computes the loss or the logits for any margin."""
+
+    name = "dense"
+
+    def logits(
+        self,
+        margin: Margin,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        batch_reduce: BatchReduce | None = None,
+    ) -> Tensor:
+        """Scaled margin logits [B, C] (fp32 or fp64, whatever the input precision)."""
+        dtype = torch.promote_types(compute_dtype(embeddings), weight.dtype)
+        device_type = embeddings.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._logits(margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce)
+
+    def loss(
+        self,
+        margin: Margin,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        batch_reduce: BatchReduce | None = None,
+    ) -> Tensor:
+        """Mean cross-entropy of the margin logits."""
+        return F.cross_entropy(self.logits(margin, embeddings, weight, labels, batch_reduce), labels.long())
+
+    def _logits(
+        self, margin: Margin, embeddings: Tensor, weight: Tensor, labels: Tensor, batch_reduce: BatchReduce | None
+    ) -> Tensor:
+        x_hat = F.normalize(embeddings, dim=1, eps=_NORM_EPS)
+        norms = embeddings.norm(dim=1) if margin.needs_norms else None
+        inv_norm = inverse_norms(weight)
+        product = x_hat @ weight.t()
+        # The target cosine by its own B·D dot product: the margin's gradient then never has to flow back
+        # through the [B, C] matrix, whose target column is overwritten.
+        target_cos = (x_hat * weight[labels]).sum(1) * inv_norm[labels]
+
+        if margin.training or getattr(margin, "update_in_eval", False):
+            stats = margin.batch_statistics(target_cos.detach())
+            if stats and batch_reduce is not None:
+                stats = batch_reduce(stats)
+            margin.update_state(stats)
+        ctx = margin.prepare(target_cos, norms)
+        scale = margin.row_scale(norms)
+        index = labels[:, None]
+
+        if margin.identity_negatives and not margin.row_reductions and not isinstance(scale, Tensor):
+            # Fast path (NormFace, CosFace, ArcFace, ...): scale folded into the column factor, one B×C pass.
+            ctx = margin.finish(ctx, {})
+            logits = product * (inv_norm * scale)
+            return logits.scatter_(1, index, (ctx["target"] * scale)[:, None])
+
+        cos = product * inv_norm
+        target_mask = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, index, True)
+        ctx = margin.finish(ctx, margin.row_statistics(cos, target_mask, ctx))
+        logits = cos * scale if margin.identity_negatives else margin.negative_logits(cos, ctx) * scale
+        return logits.scatter_(1, index, ctx["target"][:, None] * scale)

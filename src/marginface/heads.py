@@ -1,0 +1,113 @@
+"""Heads: class centres + a margin + an engine, as drop-in loss modules (`loss = head(embeddings, labels)`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from marginface import engines, margins
+from marginface.engines.dense import BatchReduce, cosine_matrix
+from marginface.errors import ConfigError
+
+
+class MarginHead(nn.Module):
+    """A margin-softmax classifier: ``weight`` [num_classes, embedding_size] holds the class centres.
+
+    ``forward(embeddings, labels)`` returns the mean cross-entropy of the margin logits;
+    ``get_logits(embeddings)`` returns s·cos θ (no margin: what the classifier predicts), or the margin logits
+    when ``labels`` are given. ``batch_reduce`` (set by a data-parallel trainer) all-reduces the margin's batch
+    statistics, so CurricularFace's t is the same on every rank.
+    """
+
+    def __init__(self, margin: margins.Margin, num_classes: int, embedding_size: int, engine: str = "dense"):
+        super().__init__()
+        check_size("num_classes", num_classes, minimum=2)
+        check_size("embedding_size", embedding_size, minimum=1)
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.normal_(self.weight, std=0.01)  # only directions matter: the centres are normalised
+        self.margin = margin
+        self.engine = engines.create(engine)
+        self.batch_reduce: BatchReduce | None = None
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        self._check_inputs(embeddings, labels)
+        return self.engine.loss(self.margin, embeddings, self.weight, labels, self.batch_reduce)
+
+    def get_logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+        if labels is not None:
+            self._check_inputs(embeddings, labels)
+            return self.engine.logits(self.margin, embeddings, self.weight, labels, self.batch_reduce)
+        cos = cosine_matrix(embeddings.float() if embeddings.dtype != torch.float64 else embeddings, self.weight)
+        return cos * (self.margin.row_scale(embeddings.norm(dim=1)) if self.margin.needs_norms else self.margin.s)
+
+    def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"embeddings must have shape [batch, {self.embedding_size}], got {tuple(embeddings.shape)}"
+            )
+        if labels.shape != (embeddings.shape[0],):
+            raise ValueError(f"labels must have shape [{embeddings.shape[0]}], got {tuple(labels.shape)}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes - 1}] (num_classes={self.num_classes}), "
+                f"got min {int(labels.min())} and max {int(labels.max())}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, engine={self.engine.name}"
+
+
+class SoftmaxHead(nn.Module):
+    """The plain softmax baseline: a linear layer with bias on unnormalised embeddings, then cross-entropy."""
+
+    def __init__(self, num_classes: int, embedding_size: int, bias: bool = True):
+        super().__init__()
+        check_size("num_classes", num_classes, minimum=2)
+        check_size("embedding_size", embedding_size, minimum=1)
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.linear = nn.Linear(embedding_size, num_classes, bias=bias)
+        nn.init.xavier_uniform_(self.linear.weight)
+        if bias:
+            nn.init.zeros_(self.linear.bias)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.linear.weight
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(self.get_logits(embeddings), labels.long())
+
+    def get_logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self.linear(embeddings.to(self.linear.weight.dtype))
+
+
+def available() -> list[str]:
+    """Every head name: "softmax" and one per margin."""
+    return ["softmax", *margins.available()]
+
+
+def create(name: str, num_classes: int, embedding_size: int, engine: str = "dense", **margin_params: Any):
+    """Create a head: the margin ``name`` with ``margin_params`` on ``num_classes`` class centres."""
+    if name == "softmax":
+        if margin_params.keys() - {"bias"}:
+            raise ConfigError(
+                f"head 'softmax' has no parameter {', '.join(sorted(margin_params.keys() - {'bias'}))}: "
+                "its only parameter is bias"
+            )
+        if engine != "dense":
+            raise ConfigError(f"head 'softmax' runs only on the dense engine, got engine={engine!r}")
+        return SoftmaxHead(num_classes, embedding_size, **margin_params)
+    if name not in margins.available():
+        raise ConfigError(f"unknown head {name!r}: expected one of {', '.join(available())}")
+    return MarginHead(margins.create(name, **margin_params), num_classes, embedding_size, engine=engine)
+
+
+def check_size(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"parameter {name}={value!r} is invalid: expected an integer >= {minimum}")
+    return value

@@ -76,9 +76,7 @@ def test_spec_worked_example_multipart():
 
 def test_spec_worked_example_header_record():
     # formats.md A1 hex of an insightface header record: flag 2, label 0.0, id 0, id2 0, labels 3.0 and 5.0.
-    expected = bytes.fromhex(
-        "0a23d7ce20000000" + "02000000" + "00000000" + "00" * 16 + "00004040" + "0000a040"
-    )
+    expected = bytes.fromhex("0a23d7ce20000000" + "02000000" + "00000000" + "00" * 16 + "00004040" + "0000a040")
     assert frame_record(pack_header([3.0, 5.0])) == expected
 
 

@@ -27,6 +27,13 @@ _EXPORTS = {
 
 __all__ = sorted([*_EXPORTS, "synthetic"])
 
+# The function `align` shares its name with the submodule `marginface.data.align`; importing the submodule
+# binds the module to the package attribute, so bind the function right after (align needs only numpy).
+from marginface.data.align import ARCFACE_TEMPLATE as ARCFACE_TEMPLATE  # noqa: E402
+from marginface.data.align import align as align  # noqa: E402
+from marginface.data.align import arcface_template as arcface_template  # noqa: E402
+from marginface.data.align import estimate_similarity as estimate_similarity  # noqa: E402
+
 
 def synthetic(*args: Any, **kwargs: Any) -> Any:
     """Build the procedural synthetic face-identity set; see `marginface.data.synth.synthetic`."""

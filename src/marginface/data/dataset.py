@@ -25,8 +25,7 @@ def open_source(path: str | os.PathLike, num_classes: int | None = None) -> Any:
     path = Path(path)
     if not path.exists():
         raise DataFormatError(
-            f"{path}: dataset not found; expected a RecordIO directory or .rec file, an image folder, "
-            "or a list file"
+            f"{path}: dataset not found; expected a RecordIO directory or .rec file, an image folder, or a list file"
         )
     if path.is_dir():
         if (path / "train.rec").is_file() or any(path.glob("*.rec")):
@@ -34,9 +33,7 @@ def open_source(path: str | os.PathLike, num_classes: int | None = None) -> Any:
         source = ImageFolderSource(path)
         if num_classes is not None:
             if num_classes < source.num_classes:
-                raise DataFormatError(
-                    f"{path}: {source.num_classes} identity folders but num_classes={num_classes}"
-                )
+                raise DataFormatError(f"{path}: {source.num_classes} identity folders but num_classes={num_classes}")
             source.num_classes = int(num_classes)
         return source
     if path.suffix == ".rec":

@@ -61,12 +61,8 @@ class ImageFolderSource(_FileSource):
     def __init__(self, root: str | os.PathLike) -> None:
         root = Path(root)
         if not root.is_dir():
-            raise DataFormatError(
-                f"{root}: not a directory; expected an image folder with one folder per identity"
-            )
-        classes = sorted(
-            entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
-        )
+            raise DataFormatError(f"{root}: not a directory; expected an image folder with one folder per identity")
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
         if not classes:
             raise DataFormatError(
                 f"{root}: empty image folder; expected one sub-folder per identity containing images "
@@ -93,9 +89,7 @@ class ImageFolderSource(_FileSource):
             )
         if empty:
             # Kept as classes so labels stay tied to sorted folder names; they only cost unused class centres.
-            warnings.warn(
-                f"{root}: {len(empty)} identity folder(s) without images, e.g. {empty[0]!r}", stacklevel=2
-            )
+            warnings.warn(f"{root}: {len(empty)} identity folder(s) without images, e.g. {empty[0]!r}", stacklevel=2)
         super().__init__(root, files, np.asarray(labels, dtype=np.int64), len(classes))
         self.classes = classes
 
@@ -135,9 +129,7 @@ class ListFileSource(_FileSource):
                 path_text, label_text = parts
             label = float(label_text)
             if label != int(label) or label < 0:
-                raise DataFormatError(
-                    f"{list_path}: line {number}: label {label_text!r} is not a non-negative integer"
-                )
+                raise DataFormatError(f"{list_path}: line {number}: label {label_text!r} is not a non-negative integer")
             path = Path(path_text.strip())
             files.append(path if path.is_absolute() else base / path)
             labels.append(int(label))
@@ -147,9 +139,7 @@ class ListFileSource(_FileSource):
         found_classes = int(label_array.max()) + 1
         if num_classes is not None and found_classes > num_classes:
             bad = int(np.argmax(label_array >= num_classes))
-            raise DataFormatError(
-                f"{list_path}: {files[bad]} has label {labels[bad]}, outside 0..{num_classes - 1}"
-            )
+            raise DataFormatError(f"{list_path}: {files[bad]} has label {labels[bad]}, outside 0..{num_classes - 1}")
         super().__init__(list_path, files, label_array, num_classes or found_classes)
 
 

@@ -57,8 +57,7 @@ def unpack_header(data: bytes) -> tuple[IRHeader, bytes]:
     end = IR_SIZE + 4 * flag
     if len(data) < end:
         raise DataFormatError(
-            f"record header says {flag} float32 labels follow ({end} bytes) but the record has "
-            f"{len(data)} bytes"
+            f"record header says {flag} float32 labels follow ({end} bytes) but the record has {len(data)} bytes"
         )
     labels = np.frombuffer(data, dtype="<f4", count=flag, offset=IR_SIZE).copy()
     return IRHeader(flag, labels, rid, id2), bytes(data[end:])
@@ -221,9 +220,7 @@ def _raise_idx_error(idx_path: Path, raw: bytes) -> None:
         parts = line.strip().split(b"\t")
         if len(parts) != 2 or not all(p.strip().lstrip(b"-").isdigit() for p in parts):
             text = line[:80].decode("ascii", "replace")
-            raise DataFormatError(
-                f"{idx_path}: line {number}: {text!r} is not 'key<TAB>offset' with two integers"
-            )
+            raise DataFormatError(f"{idx_path}: line {number}: {text!r} is not 'key<TAB>offset' with two integers")
     raise DataFormatError(f"{idx_path}: could not parse as 'key<TAB>offset' lines")
 
 
@@ -239,21 +236,16 @@ def scan_rec(rec_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         while pos < size:
             head = os.pread(fd, 8, pos)
             if len(head) < 8:
-                raise DataFormatError(
-                    f"{rec_path}: truncated record head at byte {pos} (file has {size} bytes)"
-                )
+                raise DataFormatError(f"{rec_path}: truncated record head at byte {pos} (file has {size} bytes)")
             magic, lrec = _HEAD.unpack(head)
             if magic != MAGIC:
                 raise DataFormatError(
-                    f"{rec_path}: bad magic 0x{magic:08X} at byte {pos} while scanning; "
-                    f"expected 0x{MAGIC:08X}"
+                    f"{rec_path}: bad magic 0x{magic:08X} at byte {pos} while scanning; expected 0x{MAGIC:08X}"
                 )
             cflag, length = lrec >> 29, lrec & _LREC_MASK
             if expect_start:
                 if cflag not in (0, 1):
-                    raise DataFormatError(
-                        f"{rec_path}: record at byte {pos} starts with continuation flag {cflag}"
-                    )
+                    raise DataFormatError(f"{rec_path}: record at byte {pos} starts with continuation flag {cflag}")
                 offsets.append(pos)
             expect_start = cflag in (0, 3)
             pos += 8 + length + ((-length) & 3)
@@ -477,15 +469,12 @@ def read_property(path: str | os.PathLike) -> tuple[int, int, int]:
             raise ValueError
     except ValueError:
         raise DataFormatError(
-            f"{path}: first line {first[:60]!r} is not 'num_classes,height,width' "
-            "with three positive integers"
+            f"{path}: first line {first[:60]!r} is not 'num_classes,height,width' with three positive integers"
         ) from None
     return classes, height, width
 
 
-def write_property(
-    path: str | os.PathLike, num_classes: int, image_size: tuple[int, int], images: int
-) -> None:
+def write_property(path: str | os.PathLike, num_classes: int, image_size: tuple[int, int], images: int) -> None:
     """Write a `property` file atomically: `C,H,W`, then the image count (readers parse line 1 only)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -571,9 +560,7 @@ def resolve_rec_paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
         rec = path / "train.rec" if (path / "train.rec").is_file() else (recs[0] if len(recs) == 1 else None)
         if rec is None:
             found = ", ".join(p.name for p in recs) or "none"
-            raise DataFormatError(
-                f"{path}: expected train.rec (or a single .rec) in the directory; found {found}"
-            )
+            raise DataFormatError(f"{path}: expected train.rec (or a single .rec) in the directory; found {found}")
     else:
         rec = path
     return rec, rec.with_suffix(".idx"), rec.parent / "property"
@@ -617,9 +604,7 @@ class RecordIOSource:
         elif len(self.identity_keys):
             self.num_classes = len(self.identity_keys)
         else:
-            self.num_classes = (
-                1 << 24
-            )  # float32 labels are exact up to 2^24; the real count comes from labels
+            self.num_classes = 1 << 24  # float32 labels are exact up to 2^24; the real count comes from labels
             self.num_classes = int(self.labels.max()) + 1
         self.image_size = (self.property[1], self.property[2]) if self.property is not None else None
         first_header = self.reader.read_header(int(self.image_keys[0]))

@@ -54,9 +54,7 @@ def to_tensor(image: np.ndarray, flip: bool = False) -> torch.Tensor:
 class FaceTransform:
     """Resize (optional), random horizontal flip seeded by (seed, epoch, index), normalise to CHW float32."""
 
-    def __init__(
-        self, image_size: int | tuple[int, int] | None = None, flip_p: float = 0.5, seed: int = 0
-    ) -> None:
+    def __init__(self, image_size: int | tuple[int, int] | None = None, flip_p: float = 0.5, seed: int = 0) -> None:
         self.image_size = image_size
         self.flip_p = float(flip_p)
         self.seed = int(seed)

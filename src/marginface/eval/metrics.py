@@ -48,9 +48,7 @@ def _scores_and_labels(scores: object, labels: object) -> tuple[np.ndarray, np.n
         scores = scores.astype(np.float64)
     labels = _as_1d("labels", labels)
     if labels.shape != scores.shape:
-        raise ConfigError(
-            f"scores and labels must have the same length, got {scores.shape[0]} and {labels.shape[0]}"
-        )
+        raise ConfigError(f"scores and labels must have the same length, got {scores.shape[0]} and {labels.shape[0]}")
     if labels.dtype != np.bool_:
         if not np.isin(labels, (0, 1)).all():
             raise ConfigError("labels must be booleans or 0/1 (1 = same identity)")

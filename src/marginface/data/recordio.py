@@ -703,8 +703,9 @@ class RecordIOSource:
         if (counts < 0).any():
             return None
         labels = np.repeat(np.arange(len(ranges), dtype=np.int64), counts)
-        if len(ranges) > self.num_classes:
-            self._check_label(float(labels.max()), int(self.image_keys[int(np.argmax(labels))]))
+        if len(ranges) > self.num_classes and (labels >= self.num_classes).any():
+            bad = int(np.argmax(labels >= self.num_classes))
+            self._check_label(float(labels[bad]), int(self.image_keys[bad]))
         return labels
 
     def _labels_from_headers(self) -> np.ndarray:

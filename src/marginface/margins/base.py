@@ -155,6 +155,20 @@ class Margin(nn.Module):
         return {name: _plain(getattr(self, name)) for name in params if name != "self"}
 
 
+_REDUCERS = {
+    "sum": lambda stacked: stacked.sum(0),
+    "max": lambda stacked: stacked.amax(0),
+    "logsumexp": lambda stacked: stacked.logsumexp(0),
+}
+
+
+def combine_row_statistics(
+    parts: list[Mapping[str, Tensor]], reductions: Mapping[str, str]
+) -> dict[str, Tensor]:
+    """Combine the per-block row statistics of a margin with the reduction each one declares."""
+    return {key: _REDUCERS[kind](torch.stack([part[key] for part in parts])) for key, kind in reductions.items()}
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.tolist()

@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: plots are files, never windows
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> Path:

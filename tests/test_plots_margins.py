@@ -18,7 +18,7 @@ def test_target_curve_is_arcface_formula():
     # θ = 0 exactly is excluded: cos θ = 1 is clamped to 1 − 1e-7 there so that the gradient stays finite
     inside = (ANGLES < math.pi - 0.5) & (ANGLES > 0)
     torch.testing.assert_close(curve[inside], torch.cos(ANGLES[inside] + 0.5), atol=1e-9, rtol=0)
-    outside = ~inside
+    outside = ANGLES > math.pi - 0.5
     torch.testing.assert_close(curve[outside], torch.cos(ANGLES[outside]) - 0.5 * math.sin(0.5), atol=1e-9, rtol=0)
 
 

@@ -301,6 +301,7 @@ def _generate(out: Path, params: dict[str, Any], workers: int | None, progress: 
                 "pairs": len(plan),
                 "positives": sum(same for _, _, same in plan),
                 "identities": sorted({s.identity_key for s in pair_specs[name]}),
+                "pair_identities": [[x.identity_key, y.identity_key] for x, y, _ in plan],
             }
         ijb_info = None
         if ijb_plan is not None:

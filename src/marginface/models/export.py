@@ -105,7 +105,10 @@ def _run_exporter(
             raise MarginfaceError("exporter='dynamo' needs the onnxscript package: pip install onnxscript") from exc
         if dynamic_batch:
             kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
-        torch.onnx.export(model, (example,), filename, dynamo=True, external_data=False, verbose=False, **kwargs)
+        with warnings.catch_warnings():
+            # torch.export's own internals raise FutureWarnings about pytree APIs; nothing a user can act on.
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model, (example,), filename, dynamo=True, external_data=False, verbose=False, **kwargs)
         return
     if dynamic_batch:
         kwargs["dynamic_axes"] = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}

@@ -168,3 +168,25 @@ def test_missing_idx_rebuilt_and_nothing_written(tmp_path):
 def test_missing_dataset_path(tmp_path):
     with pytest.raises(DataFormatError, match="not found"):
         mf.data.open_dataset(tmp_path / "nope")
+
+
+def test_dataloader_workers_after_parent_read(tmp_path):
+    ds = mf.data.open_dataset(_write(tmp_path), train=False)
+    ds.read(0)  # the parent opens its map before the workers fork
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    images, labels = zip(*[(x, y) for x, y in loader], strict=True)
+    assert torch.cat(labels).tolist() == LABELS
+    expected = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert torch.equal(torch.cat(images), expected)
+
+
+def test_dct_scaled_decode_matches_pillow_draft(tmp_path):
+    image = np.asarray(Image.fromarray(RNG.integers(0, 256, size=(14, 14, 3), dtype=np.uint8)).resize((112, 112)))
+    data = encode_jpeg(image, 95)
+    mf.data.write_identity_dataset(tmp_path, [(0, data)], num_classes=1)
+    tensor, _ = mf.data.open_dataset(tmp_path, image_size=56, train=False)[0]
+    with Image.open(io.BytesIO(data)) as reference:
+        reference.draft("RGB", (56, 56))
+        expected = np.asarray(reference.convert("RGB"), dtype=np.float64)
+    assert expected.shape == (56, 56, 3)
+    np.testing.assert_allclose(tensor.numpy(), ((expected / 255 - 0.5) / 0.5).transpose(2, 0, 1), atol=2 * 2 / 255)

@@ -107,7 +107,8 @@ def test_header_roundtrip_scalar_and_array():
     assert header.flag == 2 and header.label.tolist() == [4.0, 1.0] and payload == b"xyz"
 
 
-def test_writer_reader_roundtrip_and_naive_walk(tmp_path):
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_writer_reader_roundtrip_and_naive_walk(tmp_path, use_mmap):
     rng = random.Random(1)
     payloads = {}
     with RecordIOWriter(tmp_path / "a.rec", tmp_path / "a.idx") as writer:
@@ -116,7 +117,7 @@ def test_writer_reader_roundtrip_and_naive_walk(tmp_path):
             writer.write(key, payloads[key])
         assert not (tmp_path / "a.rec").exists()  # only the .tmp exists until close
     assert not list(tmp_path.glob("*.tmp"))
-    reader = RecordIOReader(tmp_path / "a.rec")
+    reader = RecordIOReader(tmp_path / "a.rec", use_mmap=use_mmap)
     for key, payload in payloads.items():
         assert reader.read(key) == payload
     keys, offsets = parse_idx(tmp_path / "a.idx")
@@ -203,23 +204,25 @@ def _small_rec(tmp_path, n=4):
     return tmp_path / "t.rec"
 
 
-def test_truncated_rec(tmp_path):
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_truncated_rec(tmp_path, use_mmap):
     rec = _small_rec(tmp_path)
     size = rec.stat().st_size
     os.truncate(rec, size - 10)
-    reader = RecordIOReader(rec)
+    reader = RecordIOReader(rec, use_mmap=use_mmap)
     with pytest.raises(DataFormatError, match=r"t\.rec.*key 3.*truncated"):
         reader.read(3)
 
 
-def test_bad_magic(tmp_path):
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_bad_magic(tmp_path, use_mmap):
     rec = _small_rec(tmp_path)
     offset = int(parse_idx(tmp_path / "t.idx")[1][2])
     with open(rec, "r+b") as f:
         f.seek(offset)
         f.write(b"\xde\xad\xbe\xef")
     with pytest.raises(DataFormatError, match=r"t\.rec.*key 2.*bad magic 0xEFBEADDE"):
-        RecordIOReader(rec).read(2)
+        RecordIOReader(rec, use_mmap=use_mmap).read(2)
 
 
 def test_index_outside_file(tmp_path):
@@ -281,3 +284,13 @@ def test_read_header_multipart_label(tmp_path):
         reader = RecordIOReader(tmp_path / "m.rec")
     header = reader.read_header(0)
     assert header.flag == 2 and header.label.tobytes() == M + np.float32(1.0).tobytes()
+
+
+def test_reader_pickles_without_open_handles(tmp_path):
+    import pickle
+
+    rec = _small_rec(tmp_path)
+    reader = RecordIOReader(rec)
+    reader.read(1)
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._fd is None and clone.read(2) == reader.read(2)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from marginface.data.decode import decode_rgb
 from marginface.data.folders import ImageFolderSource, ListFileSource
 from marginface.data.recordio import RecordIOSource
 from marginface.data.transforms import FaceTransform
@@ -110,7 +111,9 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         index = self._check_index(index)
-        image, label = self.source.read(index)
+        data, label = self.source.read_bytes(index)
+        # Decoding straight to the training size lets JPEGs use DCT scaling when the ratio is 2, 4 or 8.
+        image = decode_rgb(data, where=self.source.describe_item(index), size=self.transform.size_hw)
         return self.transform(image, index=index, epoch=self.epoch), label
 
     def _check_index(self, index: int) -> int:

@@ -23,23 +23,40 @@ def sniff(data: bytes) -> str:
     return "other"
 
 
-def decode_rgb(data: bytes, where: str = "image") -> np.ndarray:
-    """Decode encoded image bytes to a uint8 HxWx3 RGB array; `where` names the file/record in errors."""
+def decode_rgb(data: bytes, where: str = "image", size: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode encoded image bytes to a uint8 HxWx3 RGB array; `where` names the file/record in errors.
+
+    With `size=(h, w)` a JPEG whose dimensions are exactly 2, 4 or 8 times `size` is scaled down inside the
+    decoder (DCT scaling, several times faster than decoding in full and resizing); any other input is
+    decoded at full size and left for the caller to resize.
+    """
     if not len(data):
         raise DataFormatError(f"{where}: empty image payload; expected JPEG or PNG bytes")
     if sniff(data) == "jpeg":
         try:
+            if size is not None and _dct_factor(data, size):
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size[0], min_width=size[1])
             return simplejpeg.decode_jpeg(data, colorspace="RGB")
         except (ValueError, RuntimeError):
             pass  # CMYK, arithmetic coding, partly corrupt files: let Pillow try before giving up
-    return _decode_pillow(data, where)
+    return _decode_pillow(data, where, size)
 
 
-def _decode_pillow(data: bytes, where: str) -> np.ndarray:
+def _dct_factor(data: bytes, size: tuple[int, int]) -> int:
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    for factor in (2, 4, 8):
+        if height == size[0] * factor and width == size[1] * factor:
+            return factor
+    return 0
+
+
+def _decode_pillow(data: bytes, where: str, size: tuple[int, int] | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(bytes(data))) as image:
+            if size is not None and image.format == "JPEG" and _exact_reduction(image.size, size):
+                image.draft("RGB", (size[1], size[0]))  # the same DCT scaling as the simplejpeg path
             image.load()
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
@@ -47,7 +64,12 @@ def _decode_pillow(data: bytes, where: str) -> np.ndarray:
             f"{where}: cannot decode image ({len(data)} bytes starting {bytes(data[:4]).hex()}): {exc}; "
             "expected a JPEG or PNG"
         ) from None
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)
+
+
+def _exact_reduction(full: tuple[int, int], size: tuple[int, int]) -> bool:
+    width, height = full
+    return any(height == size[0] * f and width == size[1] * f for f in (2, 4, 8))
 
 
 def image_size(data: bytes, where: str = "image") -> tuple[int, int]:

@@ -253,3 +253,19 @@ def test_bad_meta_files_name_file_line_and_expectation(tree, tmp_path):
         ev.ijb_image_features(_features, ev.read_ijb_meta(bad, "IJBC", one_to_n=False))
     with pytest.raises(DataFormatError, match="no meta/ directory"):
         ev.read_ijb_meta(tmp_path, "IJBB")
+
+
+def test_synthetic_ijb_tree_from_the_data_package(tmp_path):
+    import marginface as mf
+
+    synth = mf.data.synthetic(
+        identities=2, images_per_id=1, pairs_per_set=0, eval_identities=4, ijb_identities=6, root=tmp_path, workers=1
+    )
+    got = ev.evaluate_ijb(_features, synth.ijb, "IJBC", fars=(0.1, 0.3), return_scores=True)
+    templates, scores, labels = _brute_force(synth.ijb, True, True, True)
+    assert got["templates"] == len(templates) and got["genuine_pairs"] == int(labels.sum())
+    np.testing.assert_allclose(got["scores"], scores, atol=1e-5)
+    assert got["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    for far in (0.1, 0.3):
+        assert got["tar_at_far"][far] == pytest.approx(_scan(scores, labels, far), abs=1e-12)
+    assert set(got["identification"]) == {"G1", "G2", "mean"}

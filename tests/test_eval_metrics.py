@@ -230,3 +230,16 @@ def test_bad_inputs_are_named():
         ev.kfold_accuracy([np.nan] * 20, [True] * 20)
     with pytest.raises(ConfigError, match="rule"):
         ev.tar_at_far([0.1, 0.2], [1, 0], rule="closest")
+
+
+def test_nearest_rule_across_a_long_collinear_stretch():
+    # 300 distinct values each holding one genuine and one impostor: sklearn drops every point inside that
+    # diagonal stretch, so the nearest corner lies far from the target and the search must widen
+    values = np.linspace(0.5, 1.0, 300)
+    low = np.linspace(-1.0, 0.4, 2000)
+    scores = np.r_[values, values, low]
+    labels = np.r_[np.ones(300, bool), np.zeros(300, bool), np.zeros(2000, bool)]
+    fars = [0.01, 0.05, 0.1]
+    near = ev.tar_at_far(scores, labels, fars, rule="nearest")
+    for far in fars:
+        assert near[far] == _eval_ijbc_scan(scores, labels, far)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,9 +313,9 @@ def ijb_image_features(
 
 
 def _run(model, images, batch_size, flip, device):
-    import torch
-
-    if isinstance(model, torch.nn.Module):
+    # a torch module cannot exist unless torch is imported: do not pay torch's import for a plain callable
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
         from marginface.eval.embed import embed_images_separate
 
         return embed_images_separate(model, images, batch_size=batch_size, flip=flip, device=device)
@@ -414,6 +415,22 @@ def _row_lookup(template_ids: np.ndarray, ids: np.ndarray, source: str) -> np.nd
     return rows
 
 
+def _column_positions(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique ids of one pair column (sorted) and each pair's position among them, through an O(N) mark
+    table when the ids are small non-negative integers (as IJB's are); a sort otherwise."""
+    ids = np.asarray(ids)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo >= 0 and hi < 1 << 27:
+        mark = np.zeros(hi + 1, dtype=bool)
+        mark[ids] = True
+        unique = np.flatnonzero(mark)
+        table = np.zeros(hi + 1, dtype=np.int32)
+        table[unique] = np.arange(unique.size, dtype=np.int32)
+        return unique, table[ids]
+    unique, positions = np.unique(ids, return_inverse=True)
+    return unique, positions.astype(np.int64).reshape(-1)
+
+
 def score_template_pairs(
     template_ids: np.ndarray,
     template_feats: np.ndarray,
@@ -425,29 +442,24 @@ def score_template_pairs(
 
     Uses the structure of the list: the unique templates of column 1 (U1) and of column 2 (U2) give one
     U1 x U2 matrix product, from which the pairs are gathered. When U1 x U2 exceeds
-    ``max_block_elements`` the product is done in row blocks (pairs bucketed by block), so memory stays
-    bounded whatever the structure."""
+    ``max_block_elements`` (default 2^28, 1 GiB of float32) the product is done in row blocks (pairs
+    bucketed by block), so memory stays bounded whatever the structure."""
     pairs = np.asarray(pairs)
-    if pairs.ndim != 2 or pairs.shape[1] != 2:
+    if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
         raise ConfigError(f"pairs must be [M, 2] template ids, got shape {pairs.shape}")
     feats = np.ascontiguousarray(template_feats, dtype=np.float32)
-    r1 = _row_lookup(template_ids, pairs[:, 0], "pairs column 1")
-    r2 = _row_lookup(template_ids, pairs[:, 1], "pairs column 2")
-    # unique rows of each column via a mark table, and each pair's position among them
-    t = feats.shape[0]
-    mark1 = np.zeros(t, dtype=bool)
-    mark1[r1] = True
-    mark2 = np.zeros(t, dtype=bool)
-    mark2[r2] = True
-    u1, u2 = np.flatnonzero(mark1), np.flatnonzero(mark2)
-    pos1 = (np.cumsum(mark1, dtype=np.int64) - 1)[r1]
-    pos2 = (np.cumsum(mark2, dtype=np.int64) - 1)[r2]
-    right = np.ascontiguousarray(feats[u2].T)
-    if u1.size * u2.size <= max_block_elements:
-        product = feats[u1] @ right
-        return product.reshape(-1)[pos1 * u2.size + pos2]
-    block = max(1, max_block_elements // u2.size)
-    bucket = pos1 // block
+    u1, pos1 = _column_positions(pairs[:, 0])
+    u2, pos2 = _column_positions(pairs[:, 1])
+    left = feats[_row_lookup(template_ids, u1, "pairs column 1")]
+    right = np.ascontiguousarray(feats[_row_lookup(template_ids, u2, "pairs column 2")].T)
+    n2 = u2.size
+    if u1.size * n2 <= max_block_elements:
+        product = left @ right
+        flat = pos1 * n2 if u1.size * n2 >= 1 << 31 else pos1 * np.int32(n2)
+        flat += pos2
+        return product.reshape(-1).take(flat)
+    block = max(1, max_block_elements // n2)
+    bucket = (pos1 // block).astype(np.int32)
     order = np.argsort(bucket, kind="stable")
     edges = np.searchsorted(bucket[order], np.arange(0, (u1.size + block - 1) // block + 1))
     scores = np.empty(pairs.shape[0], dtype=np.float32)
@@ -455,8 +467,8 @@ def score_template_pairs(
         idx = order[edges[b] : edges[b + 1]]
         if idx.size == 0:
             continue
-        product = feats[u1[b * block : (b + 1) * block]] @ right
-        scores[idx] = product.reshape(-1)[(pos1[idx] - b * block) * u2.size + pos2[idx]]
+        product = left[b * block : (b + 1) * block] @ right
+        scores[idx] = product.reshape(-1).take((pos1[idx] - b * block).astype(np.int64) * n2 + pos2[idx])
     return scores
 
 

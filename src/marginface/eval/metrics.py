@@ -272,10 +272,16 @@ def auc(scores_or_fpr: object, labels_or_tpr: object) -> float:
         impostor = scores[~labels]
         if genuine.size == 0 or impostor.size == 0:
             raise ConfigError("auc needs both genuine and impostor scores")
-        below = np.searchsorted(genuine, impostor, side="left").sum(dtype=np.float64)
-        not_above = np.searchsorted(genuine, impostor, side="right").sum(dtype=np.float64)
+        below = np.searchsorted(genuine, impostor, side="left")
+        # ties (an impostor equal to a genuine score) are rare: count them only where they occur
+        tied = genuine[np.minimum(below, genuine.size - 1)] == impostor
+        ties = 0.0
+        if tied.any():
+            t = impostor[tied]
+            ties = float((np.searchsorted(genuine, t, side="right") - below[tied]).sum())
+        below_total = below.sum(dtype=np.float64)
         # pairs with genuine > impostor, plus half of the ties
-        wins = genuine.size * impostor.size - not_above + 0.5 * (not_above - below)
+        wins = genuine.size * impostor.size - below_total - ties + 0.5 * ties
         return float(wins / (genuine.size * impostor.size))
     fpr = _as_1d("fpr", scores_or_fpr, np.float64)
     tpr = _as_1d("tpr", labels, np.float64)
@@ -311,6 +317,18 @@ def _fars(fars: Iterable[float] | float) -> list[float]:
     return values
 
 
+def _top_impostors(impostor: np.ndarray, m: int) -> np.ndarray:
+    """The ``m`` largest impostor scores in decreasing order, plus every other score tied with the smallest
+    of them (so that counts at thresholds >= that value are exact). Partition + sort of the tail only."""
+    n = impostor.size
+    if m >= n:
+        return np.sort(impostor)[::-1]
+    part = np.partition(impostor, n - m)
+    top, rest = part[n - m :], part[: n - m]
+    ties = rest[rest == part[n - m]]
+    return np.sort(np.concatenate([top, ties]))[::-1]
+
+
 def tar_at_far(
     scores: object,
     labels: object,
@@ -319,7 +337,7 @@ def tar_at_far(
     rule: str = "floor",
 ) -> dict[float, float]:
     """True-accept rate at each target false-accept rate, ``{far: tar}``; the threshold comes from the
-    impostor tail, with no full sort of the scores.
+    impostor tail (a partition and a sort of the top ``max(far) * N`` impostor scores, no full sort).
 
     ``rule="floor"`` (default): with N impostors, at most ``k = floor(far * N)`` may be accepted. The
     threshold is the (k+1)-th largest impostor score and a pair is accepted when ``score > threshold``
@@ -330,6 +348,8 @@ def tar_at_far(
     ``drop_intermediate=True``), the point whose FPR is nearest the target; ties go to the larger FPR
     (then the larger TPR). It may exceed the target FAR; published IJB tables use it.
     """
+    if rule not in ("floor", "nearest"):
+        raise ConfigError(f"rule must be 'floor' or 'nearest', got {rule!r}")
     scores, labels = _scores_and_labels(scores, labels)
     targets = _fars(fars)
     genuine = np.sort(scores[labels])
@@ -337,48 +357,53 @@ def tar_at_far(
     n_imp, n_gen = impostor.size, genuine.size
     if n_imp == 0 or n_gen == 0:
         raise ConfigError(f"tar_at_far needs both genuine and impostor scores, got {n_gen} and {n_imp}")
+    # nearest: the answer lies at FPR ~ far; a margin of 64 impostors is checked below, else widened
+    margin = 64 if rule == "nearest" else 1
+    m = min(n_imp, max(int(np.floor(x * n_imp)) for x in targets) + margin)
+    top = _top_impostors(impostor, m)
     if rule == "floor":
-        ks = [int(np.floor(x * n_imp)) for x in targets]
-        kmax = min(max(ks), n_imp - 1)
-        # the kmax+1 largest impostor scores, in decreasing order
-        top = np.partition(impostor, n_imp - kmax - 1)[n_imp - kmax - 1 :]
-        top = np.sort(top)[::-1]
         out = {}
-        for x, k in zip(targets, ks, strict=True):
+        for x in targets:
+            k = int(np.floor(x * n_imp))
             if k >= n_imp:
                 out[x] = 1.0
                 continue
-            threshold = top[k]
-            out[x] = float((n_gen - np.searchsorted(genuine, threshold, side="right")) / n_gen)
+            out[x] = float((n_gen - np.searchsorted(genuine, top[k], side="right")) / n_gen)
         return out
-    if rule == "nearest":
-        return _tar_nearest(scores, labels, targets, n_gen, n_imp)
-    raise ConfigError(f"rule must be 'floor' or 'nearest', got {rule!r}")
+    out = _tar_nearest(top, genuine, n_imp, targets)
+    if out is None:  # a long collinear stretch of the ROC crosses the margin: use every impostor
+        out = _tar_nearest(_top_impostors(impostor, n_imp), genuine, n_imp, targets)
+    return out
 
 
-def _tar_nearest(scores, labels, targets, n_gen, n_imp) -> dict[float, float]:
-    # The nearest ROC point has FPR within [0, 2x] (the (0, 0) point is at distance x), so only scores at
-    # or above the impostor score of rank ~2.5 * max(x) * N matter; counts there are exact prefixes of the
-    # full ROC, so the kept corners and the FPR/TPR values equal sklearn's.
-    m = int(np.ceil(2.5 * max(targets) * n_imp)) + 2
-    if m < n_imp:
-        impostor = scores[~labels]
-        cutoff = np.partition(impostor, n_imp - m)[n_imp - m]
-        keep = scores >= cutoff
-        s, y = scores[keep], labels[keep]
-    else:
-        s, y = scores, labels
+def _tar_nearest(top_desc, genuine, n_imp, targets) -> dict[float, float] | None:
+    """eval_ijbc's nearest-FPR rule on the ROC prefix made of the scores >= the smallest of ``top_desc``.
+
+    Counts at thresholds in the prefix are those of the full ROC, so the kept corners and FPR/TPR values
+    equal sklearn's, except that the last prefix point's corner status depends on what follows; it is
+    left out, and the answer is accepted only if every point beyond the prefix is farther than the chosen
+    one. Returns None when that cannot be guaranteed."""
+    n_gen = genuine.size
+    complete = top_desc.size == n_imp
+    cutoff = top_desc[-1]
+    gen_top = genuine[np.searchsorted(genuine, cutoff, side="left") :]
+    # two ascending runs: the stable (timsort) argsort inside _roc_counts merges them in linear time
+    s = np.concatenate([top_desc[::-1], gen_top])
+    y = np.r_[np.zeros(top_desc.size, dtype=bool), np.ones(gen_top.size, dtype=bool)]
     fps, tps, _ = _roc_counts(s, y)
     kept = _drop_intermediate(fps, tps)
-    if m < n_imp:
-        kept = kept[:-1]  # the last prefix point's corner status depends on scores below the cutoff
+    if not complete:
+        kept = kept[:-1]
     fpr = np.r_[0.0, fps[kept]] / n_imp
     tpr = np.r_[0.0, tps[kept]] / n_gen
+    beyond = fps[-1] / n_imp  # points past the prefix have at least this FPR
     out = {}
     for x in targets:
         gap = np.abs(fpr - x)
         # eval_ijbc scans the reversed arrays and keeps the first minimum: the last one in this order
         i = gap.size - 1 - int(np.argmin(gap[::-1]))
+        if not complete and abs(beyond - x) <= gap[i]:
+            return None
         out[x] = float(tpr[i])
     return out
 

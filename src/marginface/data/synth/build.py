@@ -145,12 +145,15 @@ def synthetic(
             f"new directory (or force=True / --force to replace a synthetic set with other parameters)"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(target.parent / f".{target.name}.lock"):
+    with _lock(target.parent / f".{target.name}.lock") as locked:
         # Another process may have finished it while this one waited for the lock.
         if not force:
             found = _load(target, params)
             if found is not None:
                 return found
+        # Holding the lock, any temporary directory of this target is a leftover of a killed run.
+        for stale in target.parent.glob(f".{target.name}.tmp-*") if locked else ():
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must stay readable
         try:
@@ -177,17 +180,17 @@ def _install(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def _lock(path: Path) -> Iterator[bool]:
     """An exclusive advisory lock (POSIX flock); elsewhere the atomic rename alone keeps the cache consistent."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
-        yield
+        yield False
         return
     with open(path, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 

@@ -7,6 +7,7 @@ five landmarks are forward-mapped through the same transforms and are exact, for
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,14 +140,17 @@ class _Canvas:
 
     def window(self, u0: float, v0: float, u1: float, v1: float, posed: bool = False) -> tuple[slice, slice] | None:
         """Output-pixel slices covering the canonical (or, if `posed`, the posed) box [u0, u1] x [v0, v1]."""
-        corners = np.array([[u0, v0], [u1, v0], [u0, v1], [u1, v1]], dtype=np.float64)
-        if not posed:
-            corners[:, 0] = _yaw_forward(corners[:, 0], self.centre_x, self.radius(corners[:, 1]), self.yaw)
-        out = _apply(self.to_output, corners)
-        lo = np.floor(out.min(axis=0) - 2.0).astype(int)
-        hi = np.ceil(out.max(axis=0) + 3.0).astype(int)
-        x0, y0 = max(lo[0], 0), max(lo[1], 0)
-        x1, y1 = min(hi[0], self.size), min(hi[1], self.size)
+        # Scalar math on purpose: this runs a dozen times per picture on four points, where numpy's
+        # per-call overhead would cost more than the layers it saves.
+        m = self.to_output
+        xs, ys = [], []
+        for cu, cv in ((u0, v0), (u1, v0), (u0, v1), (u1, v1)):
+            if not posed:
+                cu = _yaw_forward_scalar(cu, self.centre_x, float(self.radius(cv)), self.yaw)
+            xs.append(m[0, 0] * cu + m[0, 1] * cv + m[0, 2])
+            ys.append(m[1, 0] * cu + m[1, 1] * cv + m[1, 2])
+        x0, y0 = max(math.floor(min(xs) - 2.0), 0), max(math.floor(min(ys) - 2.0), 0)
+        x1, y1 = min(math.ceil(max(xs) + 3.0), self.size), min(math.ceil(max(ys) + 3.0), self.size)
         if x1 <= x0 or y1 <= y0:
             return None
         return slice(y0, y1), slice(x0, x1)
@@ -188,6 +192,14 @@ def _from_angle(angle: np.ndarray, centre_x: float, radius: float) -> np.ndarray
     return centre_x + radius * (np.sin(clipped) + (angle - clipped))
 
 
+def _yaw_forward_scalar(x: float, centre_x: float, radius: float, yaw: float) -> float:
+    rel = (x - centre_x) / radius
+    clipped = min(max(rel, -1.0), 1.0)
+    angle = math.asin(clipped) + (rel - clipped) + yaw
+    inside = min(max(angle, -math.pi / 2), math.pi / 2)
+    return centre_x + radius * (math.sin(inside) + (angle - inside))
+
+
 def _yaw_forward(x: np.ndarray, centre_x: float, radius: float, yaw: float) -> np.ndarray:
     return _from_angle(_to_angle(x, centre_x, radius) + yaw, centre_x, radius)
 
@@ -211,6 +223,8 @@ def render_face(
     cx, cy = f.head_centre
     ha, hb = f.head_axes
     def radius(v):
+        if isinstance(v, float):
+            return ha * max(1.0 - f.chin * min(max((v - cy) / hb, 0.0), 1.0) ** 2, 0.5)
         return ha * np.maximum(1.0 - f.chin * np.clip((np.asarray(v) - cy) / hb, 0.0, 1.0) ** 2, 0.5)
 
     cv = _Canvas(size, to_output, cx, radius, nz.yaw)

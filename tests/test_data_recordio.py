@@ -294,3 +294,50 @@ def test_reader_pickles_without_open_handles(tmp_path):
     reader.read(1)
     clone = pickle.loads(pickle.dumps(reader))
     assert clone._fd is None and clone.read(2) == reader.read(2)
+
+
+# Written by mxnet 1.9.1 (`MXIndexedRecordIO.write_idx(key, recordio.pack(IRHeader(...), payload))`, in a
+# throwaway venv) for keys 2, 0, 3, 1: a scalar label with aligned magics (3 parts), an array label [5, 1],
+# an empty payload, and unaligned magics (no split).
+MXNET_REC = bytes.fromhex(
+    "0a23d7ce180000200000000000004040020000000000000000000000000000000a23d7ce04000040313233340a23d7ce"
+    "000000400a23d7ce02000060585900000a23d7ce2300000002000000000000000000000000000000000000000000000000"
+    "00a0400000803f616263000a23d7ce18000000000000000000803f030000000000000000000000000000000a23d7ce2300"
+    "0000000000000000000001000000000000000000000000000000780a23d7ce797a0a23d7ce00"
+)
+MXNET_IDX = "2\t0\n0\t64\n3\t108\n1\t140\n"
+MXNET_ITEMS = [
+    (2, 3.0, M + b"1234" + M + M + b"XY"),
+    (0, [5.0, 1.0], b"abc"),
+    (3, 1.0, b""),
+    (1, 0.0, b"x" + M + b"yz" + M),
+]
+
+
+def test_mxnet_written_file_reads_and_rewrites_identically(tmp_path):
+    (tmp_path / "mx.rec").write_bytes(MXNET_REC)
+    (tmp_path / "mx.idx").write_text(MXNET_IDX)
+    reader = RecordIOReader(tmp_path / "mx.rec")
+    for key, label, payload in MXNET_ITEMS:
+        header, data = unpack_header(reader.read(key))
+        assert data == payload and header.id == key
+        assert (header.label.tolist() if header.flag else header.label) == label
+    with RecordIOWriter(tmp_path / "ours.rec", tmp_path / "ours.idx") as writer:
+        for key, label, payload in MXNET_ITEMS:
+            writer.write(key, pack_header(label, record_id=key) + payload)
+    assert (tmp_path / "ours.rec").read_bytes() == MXNET_REC
+    assert (tmp_path / "ours.idx").read_text() == MXNET_IDX
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_multipart_truncated_and_bad_continuation(tmp_path, use_mmap):
+    with RecordIOWriter(tmp_path / "p.rec", tmp_path / "p.idx") as writer:
+        writer.write(0, b"abcd" + M + b"efgh" * 10 + M + b"ij")
+    raw = (tmp_path / "p.rec").read_bytes()
+    (tmp_path / "p.rec").write_bytes(raw[:30])  # cut inside the second part
+    with pytest.raises(DataFormatError, match=r"p\.rec: key 0: .*truncated"):
+        RecordIOReader(tmp_path / "p.rec", use_mmap=use_mmap).read(0)
+    # A record that starts with a middle-part flag (2) is not a record start.
+    (tmp_path / "p.rec").write_bytes(struct.pack("<II", MAGIC, (2 << 29) | 4) + b"abcd")
+    with pytest.raises(DataFormatError, match=r"key 0: part at byte 0 has continuation flag 2; expected 0 or 1"):
+        RecordIOReader(tmp_path / "p.rec", use_mmap=use_mmap).read(0)

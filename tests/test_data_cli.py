@@ -120,3 +120,18 @@ def test_help_has_examples(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "example:" in capsys.readouterr().out
+
+
+def test_pack_workers_zero_stays_in_process(folder, tmp_path, monkeypatch):
+    import multiprocessing
+
+    from marginface.data.pack import pack_dataset
+
+    root, _ = folder
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("workers=0 must not start a pool")
+
+    monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+    summary = pack_dataset(root, tmp_path / "o", workers=0, progress=False)
+    assert summary["images"] == 9

@@ -87,7 +87,7 @@ def test_resume_with_a_different_world_size_covers_the_remainder():
 def test_new_epoch_resets_position():
     s = DistributedIdentitySampler(10, seed=0)
     s.advance(4)
-    assert len(s) == 6
+    assert len(s) == 6 and s.epoch_length == 10
     s.set_epoch(1)
     assert len(s) == 10 and s.offset == 0
 

@@ -77,7 +77,7 @@ def pack_dataset(
     source = _open(str(source_path), num_classes)
     labels = source.labels
     order = np.argsort(labels, kind="stable")
-    workers = os.cpu_count() or 1 if workers is None else int(workers)
+    workers = (os.cpu_count() or 1) if workers is None else int(workers)
     sizes: Counter = Counter()
     copied = 0
 

@@ -101,7 +101,13 @@ class DistributedIdentitySampler(Sampler[int]):
         return iter(self.remaining_indices().tolist())
 
     def __len__(self) -> int:
+        """Indices left for this rank in the current epoch (what iterating now yields)."""
         return (self.total_size - self.consumed) // self.world_size
+
+    @property
+    def epoch_length(self) -> int:
+        """Indices per rank in a whole epoch, wherever the current position is."""
+        return self.total_size // self.world_size
 
     # -- position ------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:

@@ -32,10 +32,18 @@ class MarginHead(nn.Module):
         self.margin = margin
         self.engine = engines.create(engine)
         self.batch_reduce: BatchReduce | None = None
+        # Set record_statistics to have the next forward fill last_statistics (hard-negative fraction, mean
+        # margin, t) for training reports; off by default because it costs a pass over the logits.
+        self.record_statistics = False
+        self.last_statistics: dict[str, float] = {}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self._check_inputs(embeddings, labels)
-        return self.engine.loss(self.margin, embeddings, self.weight, labels, self.batch_reduce)
+        statistics: dict[str, float] | None = {} if self.record_statistics else None
+        loss = self.engine.loss(self.margin, embeddings, self.weight, labels, self.batch_reduce, statistics)
+        if statistics is not None:
+            self.last_statistics = statistics
+        return loss
 
     def get_logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is not None:

@@ -42,12 +42,19 @@ class DenseEngine:
         weight: Tensor,
         labels: Tensor,
         batch_reduce: BatchReduce | None = None,
+        statistics: dict[str, float] | None = None,
     ) -> Tensor:
-        """Scaled margin logits [B, C] (fp32 or fp64, whatever the input precision)."""
+        """Scaled margin logits [B, C] (fp32 or fp64, whatever the input precision).
+
+        When a ``statistics`` dict is given it is filled with what training reports want to follow: the
+        fraction of hard negatives, the mean per-sample margin and the margin's t, where the margin has them.
+        """
         dtype = torch.promote_types(compute_dtype(embeddings), weight.dtype)
         device_type = embeddings.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._logits(margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce)
+            return self._logits(
+                margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce, statistics
+            )
 
     def loss(
         self,
@@ -56,12 +63,20 @@ class DenseEngine:
         weight: Tensor,
         labels: Tensor,
         batch_reduce: BatchReduce | None = None,
+        statistics: dict[str, float] | None = None,
     ) -> Tensor:
         """Mean cross-entropy of the margin logits."""
-        return F.cross_entropy(self.logits(margin, embeddings, weight, labels, batch_reduce), labels.long())
+        logits = self.logits(margin, embeddings, weight, labels, batch_reduce, statistics)
+        return F.cross_entropy(logits, labels.long())
 
     def _logits(
-        self, margin: Margin, embeddings: Tensor, weight: Tensor, labels: Tensor, batch_reduce: BatchReduce | None
+        self,
+        margin: Margin,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        batch_reduce: BatchReduce | None,
+        statistics: dict[str, float] | None,
     ) -> Tensor:
         x_hat = F.normalize(embeddings, dim=1, eps=_NORM_EPS)
         norms = embeddings.norm(dim=1) if margin.needs_norms else None
@@ -84,10 +99,30 @@ class DenseEngine:
             # Fast path (NormFace, CosFace, ArcFace, ...): scale folded into the column factor, one B×C pass.
             ctx = margin.finish(ctx, {})
             logits = product * (inv_norm * scale)
+            if statistics is not None:
+                record_statistics(statistics, margin, ctx, None, None)
             return logits.scatter_(1, index, (ctx["target"] * scale)[:, None])
 
         cos = product * inv_norm
         target_mask = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, index, True)
         ctx = margin.finish(ctx, margin.row_statistics(cos, target_mask, ctx))
+        if statistics is not None:
+            record_statistics(statistics, margin, ctx, cos, target_mask)
         logits = cos * scale if margin.identity_negatives else margin.negative_logits(cos, ctx) * scale
         return logits.scatter_(1, index, ctx["target"][:, None] * scale)
+
+
+def record_statistics(
+    statistics: dict[str, float], margin: Margin, ctx: dict[str, Tensor], cos: Tensor | None, target_mask
+) -> None:
+    """Fill ``statistics`` with the hard-negative fraction, the mean margin and t, where the margin has them."""
+    with torch.no_grad():
+        statistics["target_cos"] = float(ctx["target_cos"].mean())
+        if cos is not None and "threshold" in ctx:
+            hard = (cos > ctx["threshold"][:, None]) & ~target_mask
+            statistics["hard_fraction"] = float(hard.sum()) / max(1, hard.numel() - hard.shape[0])
+        if "margin" in ctx:
+            statistics["margin_mean"] = float(ctx["margin"].mean())
+        t = getattr(margin, "t", None)
+        if isinstance(t, Tensor):
+            statistics["t"] = float(t.mean())

@@ -1,0 +1,91 @@
+"""torch.distributed as torchrun sets it up: one process per device, gloo on CPU and NCCL on GPU.
+
+No home-made launcher: `torchrun --nproc_per_node=N -m marginface train ...` provides RANK, WORLD_SIZE and
+LOCAL_RANK (and multi-node rendezvous through its own flags); a plain `marginface train` is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, stats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum each statistic over ranks (one collective for all of them)."""
+        if not self.distributed or not stats:
+            return dict(stats)
+        keys = sorted(stats)
+        packed = torch.stack([stats[k].detach().double().reshape(()) for k in keys]).to(self.device)
+        dist.all_reduce(packed)
+        return {k: packed[i].to(dtype=stats[k].dtype, device=stats[k].device) for i, k in enumerate(keys)}
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when the flag is true on any rank."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        if not self.distributed:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def broadcast_object(self, value: Any) -> Any:
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup(device_request: str = "auto") -> World:
+    """Initialise the process group when launched by torchrun; pick the device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_request == "auto" else device_request == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        from marginface.errors import ConfigError
+
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device (is this the CPU build?)")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def teardown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,127 @@
+"""What a run leaves to read: a JSON-lines history, TensorBoard events, metrics.json and report.md with plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from marginface.train.checkpoint import atomic_write_bytes
+
+HISTORY = "history.jsonl"
+
+
+class RunLog:
+    """Appends one JSON record per logged step (and per evaluation) and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is a dependency; a broken install must not stop training
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop records a killed run wrote after its last checkpoint (they will be written again)."""
+        path = self.run_dir / HISTORY
+        if not self.enabled or not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.run_dir / HISTORY, "a") as stream:
+            stream.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key.replace(".", "/"), value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_history(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / HISTORY
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=2) + "\n").encode())
+
+
+PANELS = [
+    ("loss", "training loss", lambda r: r.get("train/loss")),
+    ("lr", "learning rate", lambda r: r.get("train/lr")),
+    ("t", "CurricularFace t", lambda r: r.get("margin/t")),
+    ("hard_fraction", "fraction of hard negatives", lambda r: r.get("margin/hard_fraction")),
+    ("margin_mean", "NPCFace mean positive margin m̃", lambda r: r.get("margin/margin_mean")),
+]
+
+
+def write_report(run_dir: str | os.PathLike, metrics: dict[str, Any], config: dict[str, Any]) -> Path:
+    """report.md with PNG plots of the history: loss, lr, accuracy per pair set and the margin's state."""
+    from marginface.plots.common import plt, save_figure
+
+    run_dir = Path(run_dir)
+    history = read_history(run_dir)
+    figures = []
+    for key, title, getter in PANELS:
+        points = [(r["step"], getter(r)) for r in history if getter(r) is not None]
+        if not points:
+            continue
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        axis.plot([p[0] for p in points], [p[1] for p in points])
+        axis.set(title=title, xlabel="step")
+        axis.grid(alpha=0.3)
+        figures.append((title, save_figure(figure, run_dir / "plots" / f"{key}.png")))
+    accuracy_keys = sorted({k for r in history for k in r if k.startswith("verification/") and k.endswith("/accuracy")})
+    if accuracy_keys:
+        figure, axis = plt.subplots(figsize=(6, 3.6))
+        for key in accuracy_keys:
+            points = [(r["step"], 100 * r[key]) for r in history if key in r]
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key.split("/")[1])
+        axis.set(title="10-fold verification accuracy (%)", xlabel="step")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figures.append(("verification accuracy", save_figure(figure, run_dir / "plots" / "accuracy.png")))
+
+    lines = ["# marginface training report", ""]
+    head = config.get("head", {})
+    model = config.get("model", {})
+    lines += [
+        f"- model: `{model.get('name')}` ({model.get('embedding_size')}-d), head: `{head.get('margin')}` "
+        f"{head.get('params')}",
+        f"- steps: {metrics.get('steps')}, epochs: {metrics.get('epochs', 0):.2f}, "
+        f"processes: {metrics.get('world_size', 1)}",
+        f"- throughput: {metrics.get('throughput', {}).get('images_per_second', 0):.0f} images/s, "
+        f"training time {metrics.get('train_seconds', 0):.0f} s",
+        "",
+        "| pair set | accuracy (%) | std | XNorm | TAR@FAR=1e-3 |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, result in metrics.get("verification", {}).items():
+        tar = result.get("tar_at_far", {}).get("0.001")
+        lines.append(
+            f"| {name} | {100 * result['accuracy']:.2f} | {100 * result['std']:.2f} | {result.get('xnorm', 0):.2f} "
+            f"| {'' if tar is None else f'{100 * tar:.2f}'} |"
+        )
+    lines.append("")
+    for title, path in figures:
+        lines += [f"## {title}", "", f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
+    report = run_dir / "report.md"
+    atomic_write_bytes(report, "\n".join(lines).encode())
+    return report

@@ -123,6 +123,7 @@ class _Canvas:
     def __init__(self, size: int, to_output: np.ndarray, centre_x: float, radius, yaw: float) -> None:
         # `radius(v)` is the head cylinder's radius at height v: the head narrows towards the chin.
         self.size, self.to_output, self.centre_x, self.radius, self.yaw = size, to_output, centre_x, radius, yaw
+        self.to_output_list = to_output.tolist()
         inv_a = np.linalg.inv(to_output[:, :2])
         grid = np.arange(size, dtype=np.float64)
         xs, ys = grid[None, :] - to_output[0, 2], grid[:, None] - to_output[1, 2]
@@ -142,13 +143,13 @@ class _Canvas:
         """Output-pixel slices covering the canonical (or, if `posed`, the posed) box [u0, u1] x [v0, v1]."""
         # Scalar math on purpose: this runs a dozen times per picture on four points, where numpy's
         # per-call overhead would cost more than the layers it saves.
-        m = self.to_output
+        m = self.to_output_list
         xs, ys = [], []
         for cu, cv in ((u0, v0), (u1, v0), (u0, v1), (u1, v1)):
             if not posed:
                 cu = _yaw_forward_scalar(cu, self.centre_x, float(self.radius(cv)), self.yaw)
-            xs.append(m[0, 0] * cu + m[0, 1] * cv + m[0, 2])
-            ys.append(m[1, 0] * cu + m[1, 1] * cv + m[1, 2])
+            xs.append(m[0][0] * cu + m[0][1] * cv + m[0][2])
+            ys.append(m[1][0] * cu + m[1][1] * cv + m[1][2])
         x0, y0 = max(math.floor(min(xs) - 2.0), 0), max(math.floor(min(ys) - 2.0), 0)
         x1, y1 = min(math.ceil(max(xs) + 3.0), self.size), min(math.ceil(max(ys) + 3.0), self.size)
         if x1 <= x0 or y1 <= y0:
@@ -160,7 +161,9 @@ class _Canvas:
 
     def paint(self, alpha: np.ndarray, colour: np.ndarray, win: tuple[slice, slice] | None = None) -> None:
         img = self.img if win is None else self.img[win]
-        img += alpha[..., None] * (np.asarray(colour, dtype=np.float32) - img)
+        step = np.asarray(colour, dtype=np.float32) - img
+        step *= alpha[..., None]
+        img += step
 
 
 def _ellipse(u, v, cx, cy, a, b, angle=0.0):

@@ -113,7 +113,7 @@ class FaceDataset(Dataset):
         index = self._check_index(index)
         data, label = self.source.read_bytes(index)
         # Decoding straight to the training size lets JPEGs use DCT scaling when the ratio is 2, 4 or 8.
-        image = decode_rgb(data, where=self.source.describe_item(index), size=self.transform.size_hw)
+        image = decode_rgb(data, where=lambda: self.source.describe_item(index), size=self.transform.size_hw)
         return self.transform(image, index=index, epoch=self.epoch), label
 
     def _check_index(self, index: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 import simplejpeg
@@ -23,15 +24,19 @@ def sniff(data: bytes) -> str:
     return "other"
 
 
-def decode_rgb(data: bytes, where: str = "image", size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode encoded image bytes to a uint8 HxWx3 RGB array; `where` names the file/record in errors.
+def decode_rgb(
+    data: bytes, where: str | Callable[[], str] = "image", size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """Decode encoded image bytes to a uint8 HxWx3 RGB array.
+
+    `where` names the file/record in error messages; it may be a callable, evaluated only when one is raised.
 
     With `size=(h, w)` a JPEG whose dimensions are exactly 2, 4 or 8 times `size` is scaled down inside the
     decoder (DCT scaling, several times faster than decoding in full and resizing); any other input is
     decoded at full size and left for the caller to resize.
     """
     if not len(data):
-        raise DataFormatError(f"{where}: empty image payload; expected JPEG or PNG bytes")
+        raise DataFormatError(f"{_name(where)}: empty image payload; expected JPEG or PNG bytes")
     if sniff(data) == "jpeg":
         try:
             if size is not None and _dct_factor(data, size):
@@ -50,7 +55,11 @@ def _dct_factor(data: bytes, size: tuple[int, int]) -> int:
     return 0
 
 
-def _decode_pillow(data: bytes, where: str, size: tuple[int, int] | None = None) -> np.ndarray:
+def _name(where: str | Callable[[], str]) -> str:
+    return where() if callable(where) else where
+
+
+def _decode_pillow(data: bytes, where: str | Callable[[], str], size: tuple[int, int] | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -61,7 +70,7 @@ def _decode_pillow(data: bytes, where: str, size: tuple[int, int] | None = None)
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise DataFormatError(
-            f"{where}: cannot decode image ({len(data)} bytes starting {bytes(data[:4]).hex()}): {exc}; "
+            f"{_name(where)}: cannot decode image ({len(data)} bytes starting {bytes(data[:4]).hex()}): {exc}; "
             "expected a JPEG or PNG"
         ) from None
     return np.array(rgb, dtype=np.uint8)

@@ -135,9 +135,14 @@ def test_writer_aborts_on_exception(tmp_path):
 
 def test_duplicate_key_rejected(tmp_path):
     with RecordIOWriter(tmp_path / "a.rec", tmp_path / "a.idx") as writer:
-        writer.write(3, b"a")
-        with pytest.raises(ConfigError, match="key 3"):
-            writer.write(3, b"b")
+        written = [3, 10**12, 0, 7, 5000000, 8, -2]  # dense, sparse, huge and negative keys
+        for key in written:
+            writer.write(key, b"a")
+        for key in written:
+            with pytest.raises(ConfigError, match=f"key {key} written twice"):
+                writer.write(key, b"b")
+        for key in (1, 2, 9, 10**12 + 1, -1, 4999999):
+            writer.write(key, b"c")  # fresh keys still accepted
 
 
 def _walk_dataset(out):
@@ -341,3 +346,9 @@ def test_multipart_truncated_and_bad_continuation(tmp_path, use_mmap):
     (tmp_path / "p.rec").write_bytes(struct.pack("<II", MAGIC, (2 << 29) | 4) + b"abcd")
     with pytest.raises(DataFormatError, match=r"key 0: part at byte 0 has continuation flag 2; expected 0 or 1"):
         RecordIOReader(tmp_path / "p.rec", use_mmap=use_mmap).read(0)
+
+
+def test_parse_idx_tolerates_blank_lines_and_crlf(tmp_path):
+    (tmp_path / "a.idx").write_bytes(b"0\t0\n1\t40\n\n2\t80\r\n3\t128")
+    keys, offsets = parse_idx(tmp_path / "a.idx")
+    assert keys.tolist() == [0, 1, 2, 3] and offsets.tolist() == [0, 40, 80, 128]

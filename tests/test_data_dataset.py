@@ -190,3 +190,23 @@ def test_dct_scaled_decode_matches_pillow_draft(tmp_path):
         expected = np.asarray(reference.convert("RGB"), dtype=np.float64)
     assert expected.shape == (56, 56, 3)
     np.testing.assert_allclose(tensor.numpy(), ((expected / 255 - 0.5) / 0.5).transpose(2, 0, 1), atol=2 * 2 / 255)
+
+
+def test_header_record_listing_a_missing_image_key(tmp_path):
+    _write(tmp_path)
+    idx = tmp_path / "train.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(line for line in lines if not line.startswith("4\t")) + "\n")
+    ds = mf.data.open_dataset(tmp_path)
+    assert ds.labels.tolist() == LABELS  # identity records still give every label
+    with pytest.raises(DataFormatError, match=r"train\.idx: key 4 is missing"):
+        ds[3]
+
+
+def test_insightface_layout_without_identity_records(tmp_path):
+    _write(tmp_path)
+    idx = tmp_path / "train.idx"
+    lines = idx.read_text().splitlines()
+    idx.write_text("\n".join(line for line in lines if int(line.split("\t")[0]) <= 9) + "\n")
+    ds = mf.data.open_dataset(tmp_path)
+    assert ds.layout == "insightface" and len(ds) == 9 and ds.labels.tolist() == LABELS

@@ -671,6 +671,10 @@ class RecordIOSource:
             self.layout = "insightface"
             self.image_keys = np.arange(1, first, dtype=np.int64)
             self.identity_keys = np.arange(first, end, dtype=np.int64)
+            if end > first and (first not in self.reader or end - 1 not in self.reader):
+                # Identity records are optional for training (arcface_torch never reads them); without them
+                # labels come from the image headers.
+                self.identity_keys = np.zeros(0, dtype=np.int64)
         else:
             self.layout = "flat"
             self.image_keys = np.sort(self.reader.keys)
@@ -726,9 +730,18 @@ class RecordIOSource:
             )
         return label
 
+    def _missing(self, key: int) -> DataFormatError:
+        return DataFormatError(
+            f"{self.reader.idx_path}: key {key} is missing; the header record (key 0) lists image keys "
+            f"1..{len(self.image_keys)}"
+        )
+
     def read_bytes(self, i: int) -> tuple[bytes, int]:
         key = int(self.image_keys[i])
-        record = self.reader.read(key)
+        try:
+            record = self.reader.read(key)
+        except KeyError:
+            raise self._missing(key) from None
         try:
             header, payload = unpack_header(record)
         except DataFormatError as exc:
@@ -791,7 +804,11 @@ class RecordIOSource:
     def _labels_from_headers(self) -> np.ndarray:
         labels = np.empty(len(self.image_keys), dtype=np.int64)
         for position, key in enumerate(self.image_keys.tolist()):
-            labels[position] = self._check_label(header_class(self.reader.read_header(key)), key)
+            try:
+                header = self.reader.read_header(key)
+            except KeyError:
+                raise self._missing(key) from None
+            labels[position] = self._check_label(header_class(header), key)
         return labels
 
     def close(self) -> None:

@@ -42,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after options (argparse alone cannot intermix positionals).
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        takes_overrides = isinstance(getattr(args, "overrides", None), list)
+        if takes_overrides and all("=" in e and not e.startswith("-") for e in extras):
+            args.overrides += extras
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if getattr(args, "func", None) is None:
         # A command group without its sub-command (e.g. `marginface data`) shows that group's help.
         (getattr(args, "group_parser", None) or parser).print_help()

@@ -27,6 +27,7 @@ class SyntheticConfig:
     difficulty: float = 0.6
     seed: int = 0
     pairs_per_set: int = 600
+    ijb: bool = False  # training needs only the pair sets; `marginface data synth` writes the IJB tree
 
 
 @dataclass
@@ -218,6 +219,12 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 5e-4 (no dot) as a string; accept what any user means by it
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
     return value

@@ -323,6 +323,10 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: W
                 save_checkpoint()
     if progress_bar is not None:
         progress_bar.close()
+    # Evidence that margin state agrees across ranks (CurricularFace's t is updated from all-reduced statistics).
+    margin_states = world.gather_objects(
+        {k: v.tolist() for k, v in getattr(module.head, "margin", nn.Module()).state_dict().items()}
+    )
 
     metrics = {
         "verification": {name: jsonable(result) for name, result in verification.items()},
@@ -333,7 +337,8 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: W
         "train_seconds": state.train_seconds,
         "throughput": {"images_per_second": state.images_seen / max(state.train_seconds, 1e-9)},
         "skipped_steps": state.skipped_steps,
-        "margin": {k: v for k, v in getattr(module.head, "last_statistics", {}).items()},
+        "margin": dict(getattr(module.head, "last_statistics", {})),
+        "margin_state_per_rank": margin_states,
     }
     if world.is_main:
         export_model(module.backbone, run_dir / "model.safetensors")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,19 @@ def test_no_weight_decay_on_norms_and_biases():
     assert decayed_ids == {id(model[0].weight), id(model[4].weight)}
     assert len(plain["params"]) == sum(1 for _ in model.parameters()) - 2
     torch.optim.SGD([decayed, plain], lr=0.1)  # the groups are valid optimiser input
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    config = load_config(path)
+    if "ms1m" in path.name:
+        assert config.data.train and config.model.name == "iresnet100" and config.model.embedding_size == 512
+        text = path.read_text()
+        assert "Published" in text and "torchrun" in text  # each says what it should reach and how to run it
+
+
+def test_demo_config_is_the_default():
+    assert load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic.yaml") == load_config()

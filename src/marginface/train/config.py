@@ -36,7 +36,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     pairs: list[str] | None = None  # .bin files or directories of them; None: the synthetic pair sets
     image_size: int | None = 56  # network input side; None keeps the stored size (112)
-    num_workers: int = 2
+    num_workers: int = 1  # on 2 cores: one decoding worker beside the training process
     flip: bool = True
 
 

@@ -89,7 +89,8 @@ def test_jpeg_payload_matches_pillow(tmp_path):
     assert np.abs(got.astype(int) - reference.astype(int)).max() <= 2
 
 
-def test_out_of_order_keys_and_multipart_payload(tmp_path):
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_out_of_order_keys_and_multipart_payload(tmp_path, use_mmap):
     # Flat layout written by hand: keys in the .idx in shuffled order, one payload carrying aligned magics.
     payloads = {}
     order = [3, 0, 4, 1, 2]
@@ -106,7 +107,8 @@ def test_out_of_order_keys_and_multipart_payload(tmp_path):
     assert parse_idx(tmp_path / "train.idx")[0].tolist() == order
     raw = (tmp_path / "train.rec").read_bytes()
     assert raw.count(struct.pack("<I", 0xCED7230A)) > 5  # the multi-part record added part heads
-    ds = mf.data.open_dataset(tmp_path)
+    ds = mf.data.open_dataset(tmp_path, use_mmap=use_mmap)
+    assert ds.source.reader.use_mmap == use_mmap
     assert ds.layout == "flat" and ds.labels.tolist() == [0, 1, 0, 1, 0]
     for i in range(5):
         np.testing.assert_array_equal(ds.read(i)[0], IMAGES[i])

@@ -655,10 +655,10 @@ class RecordIOSource:
 
     format = "recordio"
 
-    def __init__(self, path: str | os.PathLike, num_classes: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, num_classes: int | None = None, use_mmap: bool = True) -> None:
         self.rec_path, idx_path, self.property_path = resolve_rec_paths(path)
         self.path = self.rec_path
-        self.reader = RecordIOReader(self.rec_path, idx_path)
+        self.reader = RecordIOReader(self.rec_path, idx_path, use_mmap=use_mmap)
         self.property: tuple[int, int, int] | None = None
         if self.property_path.is_file():
             self.property = read_property(self.property_path)

@@ -239,28 +239,21 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: W
             set_learning_rate(optimizer, lr)
             log_this_step = (state.step + 1) % config.train.log_every == 0 or state.step + 1 == total_steps
             module.head.record_statistics = log_this_step and hasattr(module.head, "last_statistics")
-            loss_value, indices = 0.0, []
+            micro_batches, indices = [], []
             for _ in range(config.train.accumulation):
                 try:
                     images, labels, batch_indices = next(batches)
                 except StopIteration:
                     epoch_done = True
                     break
-                images = images.to(world.device, non_blocking=True)
-                labels = labels.to(world.device, non_blocking=True)
-                loss = model(images, labels, autocast_dtype) / config.train.accumulation
-                scaler.scale(loss).backward()
-                loss_value += float(loss.detach())
+                micro_batches.append((images, labels))
                 indices += batch_indices.tolist()
                 sampler.advance(len(batch_indices))
-            if epoch_done and not indices:
-                optimizer.zero_grad(set_to_none=True)
+            if not micro_batches:
                 break
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                module.parameters(), config.train.grad_clip if config.train.grad_clip else float("inf")
+            loss_value, nonfinite = optimizer_step(
+                model, module, optimizer, scaler, micro_batches, world, autocast_dtype, config.train.grad_clip
             )
-            nonfinite = world.any(not (math.isfinite(loss_value) and torch.isfinite(grad_norm).item()))
             if nonfinite:
                 state.nonfinite_in_a_row += 1
                 state.skipped_steps.append(state.step)
@@ -270,8 +263,6 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: W
                                f"sample indices {sorted(i for part in gathered for i in part)}")
                     print(message, flush=True)
                     log.write({"step": state.step, "skipped": True, "sample_indices": gathered})
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
                 if state.nonfinite_in_a_row >= config.train.max_nonfinite:
                     raise NonFiniteLossError(
                         f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
@@ -280,9 +271,6 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: W
                     )
             else:
                 state.nonfinite_in_a_row = 0
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.images_seen += len(indices) * world.world_size
             state.train_seconds += time.perf_counter() - step_start
@@ -347,6 +335,37 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: W
     log.close()
     world.barrier()
     return metrics
+
+
+def optimizer_step(
+    model: nn.Module,
+    module: TrainingModule,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    world: World,
+    autocast_dtype: torch.dtype | None = None,
+    grad_clip: float | None = None,
+) -> tuple[float, bool]:
+    """One optimiser step over accumulated micro-batches; returns (loss, skipped-as-non-finite).
+
+    A non-finite loss or gradient on any rank skips the update on every rank (the decision is all-reduced).
+    """
+    loss_value = 0.0
+    for images, labels in micro_batches:
+        images = images.to(world.device, non_blocking=True)
+        labels = labels.to(world.device, non_blocking=True)
+        loss = model(images, labels, autocast_dtype) / len(micro_batches)
+        scaler.scale(loss).backward()
+        loss_value += float(loss.detach())
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip else float("inf"))
+    nonfinite = world.any(not (math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))))
+    if not nonfinite:
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, nonfinite
 
 
 def jsonable(value: Any) -> Any:

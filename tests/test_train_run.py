@@ -132,3 +132,22 @@ def test_nonfinite_steps_are_skipped_then_abort(cache, tmp_path):
     assert result.returncode == 2
     assert "3 steps in a row had a non-finite loss or gradient" in result.stderr
     assert "step skipped; sample indices [" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["train.precision=bf16"], ["train.precision=fp16"], ["train.accumulation=2", "train.grad_clip=1.0"],
+     ["optimizer.name=adamw", "optimizer.lr=0.001", "schedule.name=poly"]],
+    ids=["bf16", "fp16", "accumulation+clip", "adamw+poly"],
+)
+def test_training_options(cache, tmp_path, monkeypatch, overrides):
+    from marginface.train import load_config, train
+
+    monkeypatch.setenv("MARGINFACE_CACHE", cache["MARGINFACE_CACHE"])
+    config = load_config(None, [*TINY, "train.max_steps=3", "train.checkpoint_every=0", *overrides])
+    metrics = train(config, tmp_path / "run", progress=False)
+    accumulation = config.train.accumulation
+    assert metrics["steps"] == 3 and metrics["images_seen"] == 3 * 16 * accumulation
+    assert not metrics["skipped_steps"]
+    for result in metrics["verification"].values():
+        assert 0.0 <= result["accuracy"] <= 1.0

@@ -360,12 +360,16 @@ def optimizer_step(
         loss_value += float(loss.detach())
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip else float("inf"))
-    nonfinite = world.any(not (math.isfinite(loss_value) and bool(torch.isfinite(grad_norm))))
-    if not nonfinite:
+    finite_loss = not world.any(not math.isfinite(loss_value))
+    finite_grad = not world.any(not bool(torch.isfinite(grad_norm)))
+    if finite_loss and finite_grad:
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, nonfinite
+    # With fp16 loss scaling, an overflowing gradient under a finite loss is the scaler's business: it skips the
+    # step and lowers the scale. Anything else non-finite is a real problem for the guard.
+    overflow = scaler.is_enabled() and finite_loss and not finite_grad
+    return loss_value, not (finite_loss and finite_grad) and not overflow
 
 
 def jsonable(value: Any) -> Any:

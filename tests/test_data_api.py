@@ -26,7 +26,10 @@ def test_exports():
 
 
 def test_import_is_light():
-    # Importing the package must not pull in torch (the data tools and `--help` stay fast).
-    code = "import sys, marginface.data; print('torch' in sys.modules)"
+    # Importing the package and the pack/inspect tools must not pull in torch (seconds to import).
+    code = (
+        "import sys, marginface.data, marginface.data.pack, marginface.data.inspect, marginface.cli.data; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

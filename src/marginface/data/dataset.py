@@ -15,35 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from marginface.data.decode import decode_rgb
-from marginface.data.folders import ImageFolderSource, ListFileSource
-from marginface.data.recordio import RecordIOSource
+from marginface.data.folders import open_source
 from marginface.data.transforms import FaceTransform
-from marginface.errors import DataFormatError
-
-
-def open_source(path: str | os.PathLike, num_classes: int | None = None, use_mmap: bool = True) -> Any:
-    """The raw source behind a dataset path: RecordIOSource, ImageFolderSource or ListFileSource."""
-    path = Path(path)
-    if not path.exists():
-        raise DataFormatError(
-            f"{path}: dataset not found; expected a RecordIO directory or .rec file, an image folder, or a list file"
-        )
-    if path.is_dir():
-        if (path / "train.rec").is_file() or any(path.glob("*.rec")):
-            return RecordIOSource(path, num_classes=num_classes, use_mmap=use_mmap)
-        source = ImageFolderSource(path)
-        if num_classes is not None:
-            if num_classes < source.num_classes:
-                raise DataFormatError(f"{path}: {source.num_classes} identity folders but num_classes={num_classes}")
-            source.num_classes = int(num_classes)
-        return source
-    if path.suffix == ".rec":
-        return RecordIOSource(path, num_classes=num_classes, use_mmap=use_mmap)
-    if path.suffix == ".idx" and path.with_suffix(".rec").is_file():
-        return RecordIOSource(path.with_suffix(".rec"), num_classes=num_classes, use_mmap=use_mmap)
-    if path.name == "property":
-        return RecordIOSource(path.parent, num_classes=num_classes, use_mmap=use_mmap)
-    return ListFileSource(path, num_classes=num_classes)
 
 
 class FaceDataset(Dataset):

@@ -1,7 +1,8 @@
-"""Image-folder (one sub-folder per identity) and list-file (`path label` per line) datasets.
+"""Image-folder (one sub-folder per identity) and list-file (`path label` per line) datasets, and
+`open_source`, which picks the right raw source for a path without importing torch.
 
-Both expose the same small source interface as the RecordIO source: `len()`, `num_classes`, `labels`,
-`read_bytes(i)` and `read(i) -> (uint8 HxWx3 RGB, label)`.
+Every source offers the same small interface: `len()`, `num_classes`, `labels`, `read_bytes(i)` and
+`read(i) -> (uint8 HxWx3 RGB, label)`.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from marginface.data.decode import decode_rgb
+from marginface.data.recordio import RecordIOSource
 from marginface.errors import DataFormatError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -153,3 +156,28 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def open_source(path: str | os.PathLike, num_classes: int | None = None, use_mmap: bool = True) -> Any:
+    """The raw source behind a dataset path: RecordIOSource, ImageFolderSource or ListFileSource."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(
+            f"{path}: dataset not found; expected a RecordIO directory or .rec file, an image folder, or a list file"
+        )
+    if path.is_dir():
+        if (path / "train.rec").is_file() or any(path.glob("*.rec")):
+            return RecordIOSource(path, num_classes=num_classes, use_mmap=use_mmap)
+        source = ImageFolderSource(path)
+        if num_classes is not None:
+            if num_classes < source.num_classes:
+                raise DataFormatError(f"{path}: {source.num_classes} identity folders but num_classes={num_classes}")
+            source.num_classes = int(num_classes)
+        return source
+    if path.suffix == ".rec":
+        return RecordIOSource(path, num_classes=num_classes, use_mmap=use_mmap)
+    if path.suffix == ".idx" and path.with_suffix(".rec").is_file():
+        return RecordIOSource(path.with_suffix(".rec"), num_classes=num_classes, use_mmap=use_mmap)
+    if path.name == "property":
+        return RecordIOSource(path.parent, num_classes=num_classes, use_mmap=use_mmap)
+    return ListFileSource(path, num_classes=num_classes)

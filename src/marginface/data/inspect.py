@@ -20,7 +20,7 @@ _MAX_PROBLEMS = 20
 
 def inspect_dataset(path: str | os.PathLike, verify: bool = False, progress: bool = False) -> dict[str, Any]:
     """A JSON-ready summary of the dataset at `path`; with `verify=True` also `problems` and `ok`."""
-    from marginface.data.dataset import open_source
+    from marginface.data.folders import open_source
 
     source = open_source(path)
     try:

@@ -24,7 +24,7 @@ _WORKER_SOURCE: Any = None
 
 
 def _open(path: str, num_classes: int | None) -> Any:
-    from marginface.data.dataset import open_source
+    from marginface.data.folders import open_source
 
     return open_source(path, num_classes=num_classes)
 

@@ -183,7 +183,7 @@ def test_template_features_against_float64_loop():
     templates = rng.integers(0, 200, n) * 7 + 3
     medias = rng.integers(0, 5, n) + templates * 10
     feats = rng.standard_normal((n, 16)).astype(np.float32)
-    tids, tf = ev.template_features(feats, templates, medias, chunk_rows=97)
+    tids, tf = ev.template_features(feats, templates, medias)
     for i, t in enumerate(tids):
         sel = templates == t
         total = sum(feats[sel & (medias == m)].astype(np.float64).mean(axis=0) for m in np.unique(medias[sel]))

@@ -10,10 +10,9 @@ from torch import Tensor
 from marginface.errors import ConfigError
 from marginface.margins.base import (
     GRADIENT_MODES,
+    AngularMargin,
     Margin,
     RowContext,
-    arc_target,
-    check_bool,
     check_choice,
     check_non_negative,
     check_number,
@@ -49,7 +48,7 @@ class CosFace(Margin):
 
 
 @register
-class ArcFace(Margin):
+class ArcFace(AngularMargin):
     """ArcFace: T(c) = cos(θ + m).
 
     fallback=True is insightface's th/mm rule (T = c − m·sin m once θ + m would pass π, keeping T monotone).
@@ -67,16 +66,7 @@ class ArcFace(Margin):
         fallback: bool = True,
         gradient: str = "exact",
     ) -> None:
-        super().__init__(s)
-        self.m = check_non_negative("m", m)
-        self.easy_margin = check_bool("easy_margin", easy_margin)
-        self.fallback = check_bool("fallback", fallback)
-        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
-
-    def target_logit(self, target_cos: Tensor, ctx: RowContext) -> Tensor:
-        return arc_target(
-            target_cos, self.m, easy_margin=self.easy_margin, fallback=self.fallback, gradient=self.gradient
-        )
+        super().__init__(s, m, easy_margin=easy_margin, fallback=fallback, gradient=gradient)
 
 
 @register

@@ -177,6 +177,29 @@ def _plain(value: Any) -> Any:
     return value
 
 
+class AngularMargin(Margin):
+    """Margins whose target logit is ArcFace's cos(θ + m) with insightface's guards (see ``arc_target``)."""
+
+    def __init__(
+        self,
+        s: float = 64.0,
+        m: float = 0.5,
+        easy_margin: bool = False,
+        fallback: bool = True,
+        gradient: str = "exact",
+    ) -> None:
+        super().__init__(s)
+        self.m = check_non_negative("m", m)
+        self.easy_margin = check_bool("easy_margin", easy_margin)
+        self.fallback = check_bool("fallback", fallback)
+        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
+
+    def target_logit(self, target_cos: Tensor, ctx: RowContext) -> Tensor:
+        return arc_target(
+            target_cos, self.m, easy_margin=self.easy_margin, fallback=self.fallback, gradient=self.gradient
+        )
+
+
 # -- validation helpers (every message names the parameter and what is allowed) ------------------------------
 def check_positive(name: str, value: Any) -> float:
     value = check_number(name, value)

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from marginface.margins.base import (
     GRADIENT_MODES,
+    AngularMargin,
     Margin,
     RowContext,
     arc_target,
@@ -77,7 +78,7 @@ class MVSoftmax(Margin):
 
 
 @register
-class ArcNegFace(Margin):
+class ArcNegFace(AngularMargin):
     """ArcNegFace: ArcFace target; every negative becomes w_j·(c_j + 1) − 1, w_j = α·exp(−(c_j − T)²/σ) detached."""
 
     name = "arcnegface"
@@ -92,15 +93,9 @@ class ArcNegFace(Margin):
         easy_margin: bool = False,
         gradient: str = "exact",
     ) -> None:
-        super().__init__(s)
-        self.m = check_non_negative("m", m)
+        super().__init__(s, m, easy_margin=easy_margin, gradient=gradient)
         self.alpha = check_positive("alpha", alpha)
         self.sigma = check_positive("sigma", sigma)
-        self.easy_margin = check_bool("easy_margin", easy_margin)
-        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
-
-    def target_logit(self, target_cos: Tensor, ctx: RowContext) -> Tensor:
-        return arc_target(target_cos, self.m, easy_margin=self.easy_margin, gradient=self.gradient)
 
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         with torch.no_grad():
@@ -109,7 +104,7 @@ class ArcNegFace(Margin):
 
 
 @register
-class CurricularFace(Margin):
+class CurricularFace(AngularMargin):
     """CurricularFace: ArcFace target (with fallback); hard negatives become c_j·(t + c_j).
 
     t is a buffer (saved in ``state_dict``), initially 0, updated before use from the batch's mean target cosine:
@@ -130,10 +125,8 @@ class CurricularFace(Margin):
         gradient: str = "exact",
         update_in_eval: bool = False,
     ) -> None:
-        super().__init__(s)
-        self.m = check_non_negative("m", m)
+        super().__init__(s, m, gradient=gradient)
         self.t_alpha = check_range("t_alpha", t_alpha, 0.0, 1.0)
-        self.gradient = check_choice("gradient", gradient, GRADIENT_MODES)
         self.update_in_eval = check_bool("update_in_eval", update_in_eval)
         self.register_buffer("t", torch.zeros(1))
 
@@ -151,9 +144,6 @@ class CurricularFace(Margin):
 
     def prepare(self, target_cos: Tensor, norms: Tensor | None = None) -> RowContext:
         return {"target_cos": target_cos, "threshold": cos_plus_margin(target_cos, self.m).detach()}
-
-    def target_logit(self, target_cos: Tensor, ctx: RowContext) -> Tensor:
-        return arc_target(target_cos, self.m, gradient=self.gradient)
 
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         t = self.t.to(cos.dtype)

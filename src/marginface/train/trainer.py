@@ -65,7 +65,7 @@ class RunState:
     train_seconds: float = 0.0
 
 
-def resolve_data(config: Config, world: World) -> tuple[str, list[str]]:
+def resolve_data(config: Config, world: World, progress: bool = True) -> tuple[str, list[str]]:
     """The training set path and the pair files: the user's, or the synthetic identities (made on first use)."""
     from marginface.data import synthetic
 
@@ -75,7 +75,7 @@ def resolve_data(config: Config, world: World) -> tuple[str, list[str]]:
         params = vars(config.data.synthetic).copy()
         # One rank renders the set, the others then find it in the cache.
         if world.is_main:
-            built = synthetic(**params, progress=True)
+            built = synthetic(**params, progress=progress)
         world.barrier()
         if not world.is_main:
             built = synthetic(**params)
@@ -139,7 +139,7 @@ def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: W
         save_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.train.seed)
 
-    train_path, pair_paths = resolve_data(config, world)
+    train_path, pair_paths = resolve_data(config, world, progress)
     dataset = open_dataset(train_path, image_size=config.data.image_size, train=config.data.flip,
                            seed=config.train.seed)
     pair_sets = [load_pairs(path) for path in pair_paths] if world.is_main else []

@@ -123,218 +123,286 @@ def train(config: Config, run_dir: str | os.PathLike, resume: bool = False, prog
 
 
 def _train(config: Config, run_dir: Path, resume: bool, progress: bool, world: World) -> dict:
-    from marginface.data import DistributedIdentitySampler, open_dataset
-    from marginface.eval import evaluate_pairs, load_pairs
+    trainer = Trainer(config, run_dir, world, resume=resume, progress=progress)
+    try:
+        trainer.train_until(trainer.total_steps)
+        return trainer.finish()
+    finally:
+        trainer.close()
 
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    checkpoints = CheckpointManager(run_dir, keep=config.train.keep_checkpoints)
-    if not resume and checkpoints.latest() is not None:
-        raise ConfigError(
-            f"{run_dir} already holds a training run (checkpoints in {checkpoints.directory}); "
-            f"continue it with --resume {run_dir}, or choose another --out"
-        )
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    torch.manual_seed(config.train.seed)
 
-    train_path, pair_paths = resolve_data(config, world, progress)
-    dataset = open_dataset(train_path, image_size=config.data.image_size, train=config.data.flip,
-                           seed=config.train.seed)
-    pair_sets = [load_pairs(path) for path in pair_paths] if world.is_main else []
-    module = build_model(config, dataset.num_classes).to(world.device)
-    module.head.batch_reduce = world.all_reduce_sum
-    optimizer = build_optimizer([module], config.optimizer)
-    use_fp16 = config.train.precision == "fp16"
-    scaler = torch.amp.GradScaler(world.device.type, enabled=use_fp16)
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.precision]
+class Trainer:
+    """One training run, step by step: what `train` drives to the end and what a loss search drives epoch by epoch.
 
-    sampler = DistributedIdentitySampler(len(dataset), seed=config.train.seed, rank=world.rank,
-                                         world_size=world.world_size, drop_last=True)
-    batch_size = config.train.batch_size
-    micro_batches_per_epoch = len(sampler) // batch_size
-    steps_per_epoch = micro_batches_per_epoch / config.train.accumulation
-    if micro_batches_per_epoch < config.train.accumulation:
-        raise ConfigError(
-            f"train.batch_size={batch_size} × train.accumulation={config.train.accumulation} is larger than one "
-            f"epoch on this process ({len(sampler)} images): lower them"
-        )
-    total_steps = config.train.max_steps or math.ceil(config.train.epochs * steps_per_epoch)
+    ``state_dict`` / ``load_state_dict`` carry the full state (weights, margin state, optimiser, scaler, sampler
+    position, step); a search copies the best candidate's state to the others through them.
+    """
 
-    state = RunState()
-    log = RunLog(run_dir, enabled=world.is_main)
-    if resume:
-        checkpoint = checkpoints.load_latest()
-        module.load_state_dict(checkpoint["module"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        state = RunState(**checkpoint["run_state"])
-        set_rng_state(checkpoint["rng"][world.rank % len(checkpoint["rng"])])
-        log.truncate_after(state.step)
-        if world.is_main:
-            print(f"resumed {run_dir} at step {state.step} of {total_steps} (epoch {sampler.epoch})", flush=True)
+    def __init__(
+        self,
+        config: Config,
+        run_dir: str | os.PathLike,
+        world: World,
+        resume: bool = False,
+        progress: bool = True,
+        write_outputs: bool = True,
+    ) -> None:
+        from marginface.data import DistributedIdentitySampler, open_dataset
+        from marginface.eval import load_pairs
 
-    model = module
-    if world.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            module, device_ids=[world.local_rank] if world.device.type == "cuda" else None
-        )
-    loader_generator = torch.Generator()
-
-    def save_checkpoint() -> None:
-        rngs = world.gather_objects(rng_state())
-        if world.is_main:
-            checkpoints.save(
-                {
-                    "module": module.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "sampler": sampler.state_dict(),
-                    "run_state": vars(state),
-                    "rng": rngs,
-                    "config": config.to_dict(),
-                },
-                state.step,
+        self.config, self.world = config, world
+        self.run_dir = Path(run_dir)
+        self.write_outputs = write_outputs and world.is_main
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        self.checkpoints = CheckpointManager(self.run_dir, keep=config.train.keep_checkpoints)
+        if write_outputs and not resume and self.checkpoints.latest() is not None:
+            raise ConfigError(
+                f"{self.run_dir} already holds a training run (checkpoints in {self.checkpoints.directory}); "
+                f"continue it with --resume {self.run_dir}, or choose another --out"
             )
-        world.barrier()
+        if self.write_outputs:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        torch.manual_seed(config.train.seed)
 
-    def evaluate() -> dict[str, dict]:
-        results = {}
-        if world.is_main and pair_sets:
-            module.eval()
-            for pair_set in pair_sets:
-                results[pair_set.name] = evaluate_pairs(module.backbone, pair_set, batch_size=256)
-            module.train()
-        world.barrier()
-        return results
+        train_path, pair_paths = resolve_data(config, world, progress)
+        self.dataset = open_dataset(train_path, image_size=config.data.image_size, train=config.data.flip,
+                                    seed=config.train.seed)
+        self.pair_sets = [load_pairs(path) for path in pair_paths] if world.is_main else []
+        self.module = build_model(config, self.dataset.num_classes).to(world.device)
+        self.module.head.batch_reduce = world.all_reduce_sum
+        self.optimizer = build_optimizer([self.module], config.optimizer)
+        self.scaler = torch.amp.GradScaler(world.device.type, enabled=config.train.precision == "fp16")
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.precision]
+        self.sampler = DistributedIdentitySampler(len(self.dataset), seed=config.train.seed, rank=world.rank,
+                                                  world_size=world.world_size, drop_last=True)
+        batch_size = config.train.batch_size
+        micro_batches_per_epoch = len(self.sampler) // batch_size
+        if micro_batches_per_epoch < config.train.accumulation:
+            raise ConfigError(
+                f"train.batch_size={batch_size} × train.accumulation={config.train.accumulation} is larger than "
+                f"one epoch on this process ({len(self.sampler)} images): lower them"
+            )
+        self.steps_per_epoch = micro_batches_per_epoch / config.train.accumulation
+        self.total_steps = config.train.max_steps or math.ceil(config.train.epochs * self.steps_per_epoch)
+        self.state = RunState()
+        self.log = RunLog(self.run_dir, enabled=self.write_outputs)
+        self.verification: dict[str, dict] = {}
+        self._batches = None  # the iterator of the epoch in progress
+        self._resumed_mid_epoch = False
+        if resume:
+            self.load_state_dict(self.checkpoints.load_latest())
+            self.log.truncate_after(self.state.step)
+            if world.is_main:
+                print(f"resumed {self.run_dir} at step {self.state.step} of {self.total_steps} "
+                      f"(epoch {self.sampler.epoch})", flush=True)
+        self.model: nn.Module = self.module
+        if world.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.module, device_ids=[world.local_rank] if world.device.type == "cuda" else None
+            )
+        self.progress_bar = None
+        if progress and world.is_main:
+            from tqdm import tqdm
 
-    progress_bar = None
-    if progress and world.is_main:
-        from tqdm import tqdm
+            self.progress_bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
+        self._window = (0.0, 0, time.perf_counter(), 0)  # loss sum, steps, start time, images
 
-        progress_bar = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True)
+    # -- state ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The full state of this process (its RNG included), loadable with weights_only=True."""
+        return {
+            "module": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "run_state": vars(self.state).copy(),
+            "rng": [rng_state()],
+            "config": self.config.to_dict(),
+        }
 
-    module.train()
-    resumed_mid_epoch = resume
-    window_loss, window_count, window_start, window_images = 0.0, 0, time.perf_counter(), 0
-    verification: dict[str, dict] = {}
-    while state.step < total_steps:
-        if not resumed_mid_epoch:
-            sampler.set_epoch(sampler.epoch if state.step == 0 else sampler.epoch + 1)
-        resumed_mid_epoch = False
-        dataset.set_epoch(sampler.epoch)
-        loader_generator.manual_seed(config.train.seed * 1_000_003 + sampler.epoch)
-        loader = torch.utils.data.DataLoader(
-            IndexedDataset(dataset), batch_size=batch_size, sampler=sampler, drop_last=True,
-            num_workers=config.data.num_workers, generator=loader_generator,
-            pin_memory=world.device.type == "cuda", persistent_workers=False,
-        )
-        batches = iter(loader)
-        epoch_done = False
-        while state.step < total_steps and not epoch_done:
-            step_start = time.perf_counter()
-            lr = learning_rate(state.step, total_steps, steps_per_epoch, config.optimizer.lr, config.schedule)
-            set_learning_rate(optimizer, lr)
-            log_this_step = (state.step + 1) % config.train.log_every == 0 or state.step + 1 == total_steps
-            module.head.record_statistics = log_this_step and hasattr(module.head, "last_statistics")
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.state = RunState(**state["run_state"])
+        set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
+        self._batches = None
+        # A restored position may sit in the middle of an epoch: continue it rather than start the next one.
+        self._resumed_mid_epoch = True
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+        state["rng"] = self.world.gather_objects(state["rng"][0])  # every process's generators
+        if self.write_outputs:
+            self.checkpoints.save(state, self.state.step)
+        self.world.barrier()
+
+    # -- training -------------------------------------------------------------------------------------------
+    def _next_micro_batches(self) -> tuple[list, list[int]]:
+        """The next step's micro-batches, starting a new epoch when the current one is exhausted."""
+        for _ in range(2):
+            if self._batches is None:
+                self._start_epoch()
             micro_batches, indices = [], []
-            for _ in range(config.train.accumulation):
+            for _ in range(self.config.train.accumulation):
                 try:
-                    images, labels, batch_indices = next(batches)
+                    images, labels, batch_indices = next(self._batches)
                 except StopIteration:
-                    epoch_done = True
                     break
                 micro_batches.append((images, labels))
                 indices += batch_indices.tolist()
-                sampler.advance(len(batch_indices))
-            if not micro_batches:
-                break
+                self.sampler.advance(len(batch_indices))
+            if micro_batches:
+                return micro_batches, indices
+            self._batches = None  # the epoch ended exactly here
+        raise MarginfaceError("the training set yields no batches (is it smaller than one batch per process?)")
+
+    def _start_epoch(self) -> None:
+        if not self._resumed_mid_epoch:
+            self.sampler.set_epoch(self.sampler.epoch if self.state.step == 0 and self.sampler.consumed == 0
+                                   else self.sampler.epoch + 1)
+        self._resumed_mid_epoch = False
+        self.dataset.set_epoch(self.sampler.epoch)
+        # The loader draws its worker seeds from its own generator, not the global one: a resumed run then
+        # leaves the global RNG exactly where the uninterrupted run has it.
+        generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.sampler.epoch)
+        loader = torch.utils.data.DataLoader(
+            IndexedDataset(self.dataset), batch_size=self.config.train.batch_size, sampler=self.sampler,
+            drop_last=True, num_workers=self.config.data.num_workers, generator=generator,
+            pin_memory=self.world.device.type == "cuda", persistent_workers=False,
+        )
+        self._batches = iter(loader)
+
+    def train_until(self, step: int, evaluate: bool = True, checkpoint: bool = True) -> None:
+        """Train until the step counter reaches ``step``, evaluating and checkpointing on their schedules."""
+        config, state = self.config, self.state
+        step = min(step, self.total_steps)
+        self.module.train()
+        while state.step < step:
+            step_start = time.perf_counter()
+            lr = learning_rate(state.step, self.total_steps, self.steps_per_epoch, config.optimizer.lr,
+                               config.schedule)
+            set_learning_rate(self.optimizer, lr)
+            log_this_step = (state.step + 1) % config.train.log_every == 0 or state.step + 1 == self.total_steps
+            self.module.head.record_statistics = log_this_step
+            micro_batches, indices = self._next_micro_batches()
             loss_value, nonfinite = optimizer_step(
-                model, module, optimizer, scaler, micro_batches, world, autocast_dtype, config.train.grad_clip
+                self.model, self.module, self.optimizer, self.scaler, micro_batches, self.world,
+                self.autocast_dtype, config.train.grad_clip,
             )
             if nonfinite:
-                state.nonfinite_in_a_row += 1
-                state.skipped_steps.append(state.step)
-                gathered = world.gather_objects(indices)
-                if world.is_main:
-                    message = (f"step {state.step}: non-finite loss or gradient (loss {loss_value}), step skipped; "
-                               f"sample indices {sorted(i for part in gathered for i in part)}")
-                    print(message, flush=True)
-                    log.write({"step": state.step, "skipped": True, "sample_indices": gathered})
-                if state.nonfinite_in_a_row >= config.train.max_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
-                        f"{state.step}); aborting. Lower optimizer.lr, set train.grad_clip, or check the data "
-                        f"(train.max_nonfinite={config.train.max_nonfinite})"
-                    )
+                self._skip(loss_value, indices)
             else:
                 state.nonfinite_in_a_row = 0
             state.step += 1
-            state.images_seen += len(indices) * world.world_size
+            images = len(indices) * self.world.world_size
+            state.images_seen += images
             state.train_seconds += time.perf_counter() - step_start
-            window_loss += loss_value
-            window_count += 1
-            window_images += len(indices) * world.world_size
-
+            loss_sum, count, start, window_images = self._window
+            self._window = (loss_sum + loss_value, count + 1, start, window_images + images)
             if log_this_step:
-                elapsed = time.perf_counter() - window_start
-                record = {"step": state.step, "epoch": state.step / steps_per_epoch,
-                          "train/loss": window_loss / window_count, "train/lr": lr,
-                          "train/images_per_second": window_images / max(elapsed, 1e-9)}
-                for key, value in getattr(module.head, "last_statistics", {}).items():
-                    record[f"margin/{key}"] = value
-                log.write(record)
-                if progress_bar is not None:
-                    postfix = {"loss": f"{record['train/loss']:.3f}", "lr": f"{lr:.3g}",
-                               "img/s": f"{record['train/images_per_second']:.0f}"}
-                    if "margin/t" in record:
-                        postfix["t"] = f"{record['margin/t']:.3f}"
-                    progress_bar.set_postfix(postfix, refresh=False)
-                window_loss, window_count, window_start, window_images = 0.0, 0, time.perf_counter(), 0
-            if progress_bar is not None:
-                progress_bar.update(1)
-            last = state.step == total_steps
-            if (config.train.eval_every and state.step % config.train.eval_every == 0) or last:
-                verification = evaluate()
-                if verification:
-                    record = {"step": state.step}
-                    for name, result in verification.items():
-                        record[f"verification/{name}/accuracy"] = result["accuracy"]
-                        record[f"verification/{name}/std"] = result["std"]
-                    log.write(record)
-                    if progress_bar is not None:
-                        progress_bar.write(f"step {state.step}: " + ", ".join(
-                            f"{n} {100 * r['accuracy']:.2f}±{100 * r['std']:.2f}" for n, r in verification.items()))
-            if (config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0) or last:
-                save_checkpoint()
-    if progress_bar is not None:
-        progress_bar.close()
-    # Evidence that margin state agrees across ranks (CurricularFace's t is updated from all-reduced statistics).
-    margin_states = world.gather_objects(
-        {k: v.tolist() for k, v in getattr(module.head, "margin", nn.Module()).state_dict().items()}
-    )
+                self._log_step(lr)
+            if self.progress_bar is not None:
+                self.progress_bar.update(1)
+            last = state.step == self.total_steps
+            if evaluate and ((config.train.eval_every and state.step % config.train.eval_every == 0) or last):
+                self.evaluate(log=True)
+            if checkpoint and ((config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0)
+                               or last):
+                self.save_checkpoint()
 
-    metrics = {
-        "verification": {name: jsonable(result) for name, result in verification.items()},
-        "steps": state.step,
-        "epochs": state.step / steps_per_epoch,
-        "world_size": world.world_size,
-        "images_seen": state.images_seen,
-        "train_seconds": state.train_seconds,
-        "throughput": {"images_per_second": state.images_seen / max(state.train_seconds, 1e-9)},
-        "skipped_steps": state.skipped_steps,
-        "margin": dict(getattr(module.head, "last_statistics", {})),
-        "margin_state_per_rank": margin_states,
-    }
-    if world.is_main:
-        export_model(module.backbone, run_dir / "model.safetensors")
-        write_json(run_dir / "metrics.json", metrics)
-        write_report(run_dir, metrics, config.to_dict())
-    log.close()
-    world.barrier()
-    return metrics
+    def _skip(self, loss_value: float, indices: list[int]) -> None:
+        state, config = self.state, self.config
+        state.nonfinite_in_a_row += 1
+        state.skipped_steps.append(state.step)
+        gathered = self.world.gather_objects(indices)
+        if self.world.is_main:
+            print(f"step {state.step}: non-finite loss or gradient (loss {loss_value}), step skipped; "
+                  f"sample indices {sorted(i for part in gathered for i in part)}", flush=True)
+            self.log.write({"step": state.step, "skipped": True, "sample_indices": gathered})
+        if state.nonfinite_in_a_row >= config.train.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{state.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step "
+                f"{state.step}); aborting. Lower optimizer.lr, set train.grad_clip, or check the data "
+                f"(train.max_nonfinite={config.train.max_nonfinite})"
+            )
+
+    def _log_step(self, lr: float) -> None:
+        loss_sum, count, start, images = self._window
+        record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
+                  "train/loss": loss_sum / max(count, 1), "train/lr": lr,
+                  "train/images_per_second": images / max(time.perf_counter() - start, 1e-9)}
+        for key, value in getattr(self.module.head, "last_statistics", {}).items():
+            record[f"margin/{key}"] = value
+        self.log.write(record)
+        if self.progress_bar is not None:
+            postfix = {"loss": f"{record['train/loss']:.3f}", "lr": f"{lr:.3g}",
+                       "img/s": f"{record['train/images_per_second']:.0f}"}
+            if "margin/t" in record:
+                postfix["t"] = f"{record['margin/t']:.3f}"
+            self.progress_bar.set_postfix(postfix, refresh=False)
+        self._window = (0.0, 0, time.perf_counter(), 0)
+
+    def evaluate(self, log: bool = False) -> dict[str, dict]:
+        """10-fold verification of the backbone on every pair set (main process; the others wait)."""
+        from marginface.eval import evaluate_pairs
+
+        results = {}
+        if self.world.is_main and self.pair_sets:
+            self.module.eval()
+            for pair_set in self.pair_sets:
+                results[pair_set.name] = evaluate_pairs(self.module.backbone, pair_set, batch_size=256)
+            self.module.train()
+        self.world.barrier()
+        if results:
+            self.verification = results
+        if log and results:
+            record = {"step": self.state.step}
+            for name, result in results.items():
+                record[f"verification/{name}/accuracy"] = result["accuracy"]
+                record[f"verification/{name}/std"] = result["std"]
+            self.log.write(record)
+            if self.progress_bar is not None:
+                self.progress_bar.write(f"step {self.state.step}: " + ", ".join(
+                    f"{n} {100 * r['accuracy']:.2f}±{100 * r['std']:.2f}" for n, r in results.items()))
+        return results
+
+    def finish(self) -> dict:
+        """metrics.json, model.safetensors and report.md; returns the metrics."""
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+            self.progress_bar = None
+        # Evidence that margin state agrees across ranks (CurricularFace's t comes from all-reduced statistics).
+        margin_states = self.world.gather_objects(
+            {k: v.tolist() for k, v in getattr(self.module.head, "margin", nn.Module()).state_dict().items()}
+        )
+        state = self.state
+        metrics = {
+            "verification": {name: jsonable(result) for name, result in self.verification.items()},
+            "steps": state.step,
+            "epochs": state.step / self.steps_per_epoch,
+            "world_size": self.world.world_size,
+            "images_seen": state.images_seen,
+            "train_seconds": state.train_seconds,
+            "throughput": {"images_per_second": state.images_seen / max(state.train_seconds, 1e-9)},
+            "skipped_steps": state.skipped_steps,
+            "margin": dict(getattr(self.module.head, "last_statistics", {})),
+            "margin_state_per_rank": margin_states,
+        }
+        if self.write_outputs:
+            export_model(self.module.backbone, self.run_dir / "model.safetensors")
+            write_json(self.run_dir / "metrics.json", metrics)
+            write_report(self.run_dir, metrics, self.config.to_dict())
+        self.world.barrier()
+        return metrics
+
+    def close(self) -> None:
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+        self.log.close()
 
 
 def optimizer_step(

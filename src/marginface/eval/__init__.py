@@ -30,6 +30,7 @@ _EXPORTS = {
     "xnorm": "marginface.eval.metrics",
     # embed.py
     "embed_images": "marginface.eval.embed",
+    "embed_images_separate": "marginface.eval.embed",
     "evaluate_pairs": "marginface.eval.embed",
     # ijb.py
     "IJBMeta": "marginface.eval.ijb",

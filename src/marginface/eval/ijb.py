@@ -461,7 +461,7 @@ def score_template_pairs(
     u1, pos1 = _column_positions(pairs[:, 0])
     u2, pos2 = _column_positions(pairs[:, 1])
     left = feats[_row_lookup(template_ids, u1, "pairs column 1")]
-    right = np.ascontiguousarray(feats[_row_lookup(template_ids, u2, "pairs column 2")].T)
+    right = feats[_row_lookup(template_ids, u2, "pairs column 2")].T  # BLAS reads the transpose in place
     n2 = u2.size
     if u1.size * n2 <= max_block_elements:
         product = left @ right

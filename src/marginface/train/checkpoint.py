@@ -10,7 +10,6 @@ import io
 import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,38 +17,9 @@ import numpy as np
 import torch
 
 from marginface.errors import MarginfaceError
+from marginface.fileio import atomic_write_bytes
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{9})\.pt$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
 
 
 def rng_state() -> dict[str, Any]:

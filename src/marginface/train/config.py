@@ -156,7 +156,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
-    from marginface.train.checkpoint import atomic_write_bytes
+    from marginface.fileio import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
 

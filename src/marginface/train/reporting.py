@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from marginface.train.checkpoint import atomic_write_bytes
+from marginface.fileio import atomic_write_bytes
 
 HISTORY = "history.jsonl"
 

@@ -454,7 +454,7 @@ def export_model(backbone: nn.Module, path: Path) -> None:
     """The deployable artifact: backbone weights in safetensors, with the config that rebuilds the network."""
     from safetensors.torch import save as save_safetensors
 
-    from marginface.train.checkpoint import atomic_write_bytes
+    from marginface.fileio import atomic_write_bytes
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     metadata = {"marginface_model": json.dumps(getattr(backbone, "config", {})), "format": "pt"}

@@ -1,0 +1,177 @@
+"""`marginface eval`: score a model on verification pair sets and on IJB-B/IJB-C."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from marginface.cli import example_epilog, help_formatter
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a model on pair sets (10-fold) and IJB-B/C",
+        description=(
+            "Score MODEL — a training run directory, a model.safetensors written by marginface, or an .onnx file — "
+            "on verification pair sets (insightface .bin, 10-fold protocol) and on IJB-B/IJB-C (1:1 TAR@FAR, 1:N). "
+            "Prints the insightface-style table and writes the results as JSON."
+        ),
+        formatter_class=help_formatter(),
+        epilog=example_epilog(
+            "marginface eval runs/demo                                   # the run's own pair sets",
+            "marginface eval runs/demo/model.safetensors --pairs /data/faces_emore --json",
+            "marginface eval model.onnx --pairs lfw.bin cfp_fp.bin --plot plots/",
+            "marginface eval runs/demo --ijb /data/IJB_release/IJBC --target IJBC",
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="run directory, .safetensors or .onnx")
+    parser.add_argument("--pairs", nargs="+", metavar="FILE_OR_DIR", help=".bin pair files or directories of them")
+    parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                        help="fuse the embeddings of each image and its mirror (default on)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", help="torch device for .safetensors models (default cpu)")
+    parser.add_argument("--ijb", metavar="ROOT", help="IJB tree with loose_crop/ and meta/")
+    parser.add_argument("--target", choices=("IJBB", "IJBC"), default="IJBC")
+    parser.add_argument("--plot", metavar="DIR", help="write ROC, score histograms (and CMC for IJB) into DIR")
+    parser.add_argument("--output", metavar="FILE",
+                        help="JSON results file (default: MODEL_DIR/eval.json for a run directory)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from marginface.eval.loading import load_model
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
+    pair_paths = resolve_pairs(args)
+    if not pair_paths and not args.ijb:
+        raise ValueError("nothing to score: give --pairs FILE_OR_DIR and/or --ijb ROOT")
+    # Read every input before the (slow) model runs, so that a bad file fails at once.
+    from marginface.eval import load_pairs
+
+    pair_sets = [load_pairs(path) for path in pair_paths]
+    model = load_model(args.model, device=args.device)
+    results: dict = {"model": str(args.model), "verification": {}}
+    scores_for_plots = {}
+    for pair_set in pair_sets:
+        result, scores = score_pairs(model, pair_set, args.batch_size, args.flip)
+        results["verification"][pair_set.name] = result
+        scores_for_plots[pair_set.name] = (scores, pair_set.issame)
+    if args.ijb:
+        from marginface.eval import evaluate_ijb
+
+        ijb = evaluate_ijb(model, args.ijb, args.target, flip=args.flip, batch_size=args.batch_size,
+                           return_scores=bool(args.plot))
+        if args.plot:
+            scores_for_plots[args.target] = (ijb.pop("scores"), ijb.pop("labels"))
+        results["ijb"] = {args.target: plain(ijb)}
+    if args.plot:
+        results["plots"] = write_plots(Path(args.plot), scores_for_plots, results)
+    output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else None)
+    if output:
+        from marginface.fileio import atomic_write_text
+
+        atomic_write_text(output, json.dumps(plain(results), indent=2) + "\n")
+        results["output"] = output
+    if args.json:
+        print(json.dumps(plain(results), indent=2))
+    else:
+        print_table(results)
+    return 0
+
+
+def resolve_pairs(args: argparse.Namespace) -> list[str]:
+    """--pairs as given; for a run directory without --pairs, the pair sets the run was validated on."""
+    if args.pairs:
+        paths = []
+        for item in args.pairs:
+            if os.path.isdir(item):
+                found = sorted(str(p) for p in Path(item).glob("*.bin"))
+                if not found:
+                    raise FileNotFoundError(f"--pairs {item}: the directory holds no .bin pair files")
+                paths += found
+            elif not os.path.exists(item):
+                raise FileNotFoundError(f"--pairs {item} does not exist (expected a .bin file or a directory)")
+            else:
+                paths.append(item)
+        return paths
+    metrics = Path(args.model) / "metrics.json"
+    config = Path(args.model) / "config.yaml"
+    if args.ijb or not (os.path.isdir(args.model) and metrics.exists() and config.exists()):
+        return []
+    import yaml
+
+    configured = yaml.safe_load(config.read_text()).get("data", {})
+    if configured.get("pairs"):
+        return list(configured["pairs"])
+    from marginface.data import synthetic
+
+    built = synthetic(**configured.get("synthetic", {}))  # from the cache when the run made it here
+    return [str(built.pairs[name]) for name in sorted(built.pairs)]
+
+
+def score_pairs(model, pair_set, batch_size: int, flip: bool):
+    from marginface.eval import embed_images, kfold_accuracy, pair_scores, tar_at_far
+
+    embeddings, norm = embed_images(model, pair_set.images, batch_size=batch_size, flip=flip)
+    scores = pair_scores(embeddings)
+    issame = pair_set.issame
+    result = kfold_accuracy(scores, issame, folds=min(10, issame.size))
+    result["xnorm"] = norm
+    result["pairs"] = int(issame.size)
+    if issame.any() and not issame.all():
+        result["tar_at_far"] = tar_at_far(scores, issame, (1e-3, 1e-2, 1e-1))
+    return plain(result), scores
+
+
+def write_plots(directory: Path, scores: dict, results: dict) -> list[str]:
+    from marginface.plots.eval_plots import plot_cmc, plot_roc, plot_score_histogram
+
+    written = []
+    curves = {name: (s, labels) for name, (s, labels) in scores.items() if 0 < labels.sum() < labels.size}
+    if curves:
+        written.append(str(plot_roc(curves, directory / "roc.png")))
+    for name, (s, labels) in scores.items():
+        written.append(str(plot_score_histogram(s, labels, directory / f"scores_{name}.png", title=name)))
+    for target, ijb in results.get("ijb", {}).items():
+        galleries = ijb.get("identification", {})
+        cmc_curves = {g: r["cmc"] for g, r in galleries.items() if g != "mean" and "cmc" in r}
+        if cmc_curves:
+            written.append(str(plot_cmc(cmc_curves, directory / f"cmc_{target}.png")))
+    return written
+
+
+def print_table(results: dict) -> None:
+    for name, r in results["verification"].items():
+        tar = r.get("tar_at_far", {})
+        tar_text = "  ".join(f"TAR@FAR={far}: {100 * value:.2f}" for far, value in tar.items())
+        print(f"[{name}] XNorm: {r['xnorm']:.4f}  Accuracy-Flip: {r['accuracy']:.5f}+-{r['std']:.5f}  {tar_text}")
+    for target, ijb in results.get("ijb", {}).items():
+        tars = ijb.get("tar_at_far", {})
+        print(f"[{target}] {ijb.get('mode', '')} TAR@FAR: " + "  ".join(
+            f"{far}: {100 * value:.2f}" for far, value in tars.items()) + f"  AUC: {100 * ijb.get('auc', 0):.2f}")
+        for gallery, r in ijb.get("identification", {}).items():
+            ranks = "  ".join(f"{k}: {100 * r[k]:.2f}" for k in ("rank1", "rank5", "rank10") if k in r)
+            tpir = "  ".join(f"TPIR@FPIR={k}: {100 * v:.2f}" for k, v in r.get("tpir_at_fpir", {}).items())
+            print(f"[{target} {gallery}] {ranks}  {tpir}")
+    if "output" in results:
+        print(f"results: {results['output']}")
+
+
+def plain(value):
+    """JSON-ready: numpy scalars and arrays to Python, float keys to strings."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "marginface train --margin npcface --max-steps 500 --out runs/npc optimizer.lr=0.05",
             "marginface train --resume runs/npc                  # continue after an interruption",
             "torchrun --nproc_per_node=2 -m marginface train --device cpu train.batch_size=64",
+            "marginface train --margin-from runs/search/search.json   # retrain with the loss a search found",
         ),
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.epochs=10")
@@ -33,6 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", help="run directory (default runs/<margin>-<time>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     parser.add_argument("--margin", help="margin head (its parameters carry over where they apply)")
+    parser.add_argument("--margin-from", metavar="SEARCH_JSON",
+                        help="train with the loss a `marginface search` found (its search.json, or its directory)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
@@ -49,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and (args.config or args.margin):
         raise ValueError("--resume continues a run with its saved config: --config and --margin cannot change it")
+    margin_from = getattr(args, "margin_from", None)
+    if margin_from and (args.resume or args.margin):
+        raise ValueError("--margin-from sets the margin from a search: it cannot be combined with --margin or --resume")
     overrides = list(args.overrides)
     for option, key in (("max_steps", "train.max_steps"), ("checkpoint_every", "train.checkpoint_every"),
                         ("device", "train.device")):
@@ -65,6 +71,13 @@ def run(args: argparse.Namespace) -> int:
             raw = config.to_dict()
             raw["head"] = {**raw["head"], "margin": args.margin,
                            "params": {k: v for k, v in config.head.params.items() if k in accepted}}
+            config = config_from_dict(raw)
+        if margin_from:
+            from marginface.search import load_found_margin
+
+            found = load_found_margin(margin_from)
+            raw = config.to_dict()
+            raw["head"] = {**raw["head"], "margin": found["margin"], "params": found["params"]}
             config = config_from_dict(raw)
         run_dir = args.out or f"runs/{config.head.margin}-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)

@@ -243,3 +243,21 @@ def test_nearest_rule_across_a_long_collinear_stretch():
     near = ev.tar_at_far(scores, labels, fars, rule="nearest")
     for far in fars:
         assert near[far] == _eval_ijbc_scan(scores, labels, far)
+
+
+@pytest.mark.parametrize("rule", ["floor", "nearest"])
+def test_refine_makes_an_approximate_table_exact(rule):
+    rng = np.random.default_rng(21)
+    labels = rng.random(200_000) < 0.01
+    exact = rng.standard_normal(200_000) * 0.05 + 0.2 * labels
+    approx = exact + rng.uniform(-2e-5, 2e-5, exact.size)  # e.g. float32 GEMM rounding, exaggerated
+    fars = [1e-4, 1e-3, 1e-2, 1e-1]
+    calls = []
+
+    def refine(index):
+        calls.append(index.size)
+        return exact[index]
+
+    got = ev.tar_at_far(approx, labels, fars, rule=rule, refine=refine)
+    assert got == ev.tar_at_far(exact, labels, fars, rule=rule)
+    assert 0 < calls[0] < exact.size // 10  # only the neighbourhoods of the thresholds are recomputed

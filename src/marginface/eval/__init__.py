@@ -38,6 +38,7 @@ _EXPORTS = {
     "combine_image_features": "marginface.eval.ijb",
     "template_features": "marginface.eval.ijb",
     "score_template_pairs": "marginface.eval.ijb",
+    "pair_refiner": "marginface.eval.ijb",
     "ijb_image_features": "marginface.eval.ijb",
     "ijb_verification": "marginface.eval.ijb",
     "ijb_identification": "marginface.eval.ijb",

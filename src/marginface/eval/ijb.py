@@ -30,6 +30,7 @@ __all__ = [
     "ijb_identification",
     "ijb_image_features",
     "ijb_verification",
+    "pair_refiner",
     "read_ijb_meta",
     "score_template_pairs",
     "template_features",
@@ -364,9 +365,11 @@ def combine_image_features(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def template_features(features: np.ndarray, templates: np.ndarray, medias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def template_features(
+    features: np.ndarray, templates: np.ndarray, medias: np.ndarray, *, dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
     """Template features: within a template, average the images of each media, sum the media means, then
-    L2-normalise. Returns ``(template_ids sorted, features float32 [T, D])``; sums are in float64.
+    L2-normalise. Returns ``(template_ids sorted, features [T, D] of dtype)``; sums are in float64.
 
     Vectorised: one lexsort by (template, media) gives every image the weight 1/|its media|. Templates are
     then ranked by size, and step k adds the k-th image of every template that has more than k images, as
@@ -375,6 +378,8 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     ``np.cumsum`` and ``np.add.at`` on [N, 512] arrays, and a block-sparse matrix product, are all several
     times slower.)"""
     features = np.asarray(features)
+    if not np.issubdtype(features.dtype, np.floating):
+        features = features.astype(np.float32)
     templates = np.asarray(templates, dtype=np.int64).reshape(-1)
     medias = np.asarray(medias, dtype=np.int64).reshape(-1)
     n = features.shape[0]
@@ -389,7 +394,8 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     new_media = new_template | np.r_[True, m_sorted[1:] != m_sorted[:-1]]
     media_starts = np.flatnonzero(new_media)
     media_sizes = np.diff(np.r_[media_starts, n])
-    weight = np.repeat(1.0 / media_sizes, media_sizes)[:, None]  # per sorted image: 1 / images in its media
+    # per sorted image: 1 / images in its media (in the features' precision: the sums stay float64)
+    weight = np.repeat(1.0 / media_sizes, media_sizes).astype(features.dtype)[:, None]
     template_starts = np.flatnonzero(new_template)
     template_ids = t_sorted[template_starts]
     sizes = np.diff(np.r_[template_starts, n])
@@ -401,14 +407,13 @@ def template_features(features: np.ndarray, templates: np.ndarray, medias: np.nd
     acc = np.zeros((starts.size, dim), dtype=np.float64)
     # reused buffers: fresh large temporaries in every step cost more in page faults than the arithmetic
     rows = np.empty((starts.size, dim), dtype=features.dtype)
-    scaled = np.empty((starts.size, dim), dtype=np.float64)
     for k, m in enumerate(active):  # steps = images in the largest template
         position = starts[:m] + k
         np.take(features, order[position], axis=0, out=rows[:m])
-        np.multiply(rows[:m], weight[position], out=scaled[:m])
-        acc[:m] += scaled[:m]
+        rows[:m] *= weight[position]
+        acc[:m] += rows[:m]
     acc /= np.maximum(np.linalg.norm(acc, axis=1, keepdims=True), 1e-12)
-    out = np.empty((starts.size, dim), dtype=np.float32)
+    out = np.empty((starts.size, dim), dtype=dtype)
     out[by_size] = acc
     return template_ids, out
 
@@ -489,6 +494,22 @@ def score_template_pairs(
     return scores
 
 
+def pair_refiner(
+    template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A ``refine`` callable for `tar_at_far`: float64 dot products of the template features of the
+    selected pairs (given by index into ``pairs``)."""
+    feats64 = np.asarray(template_feats, dtype=np.float64)
+
+    def exact(index: np.ndarray) -> np.ndarray:
+        chosen = pairs[index]
+        a = feats64[_row_lookup(template_ids, chosen[:, 0], "pairs column 1")]
+        b = feats64[_row_lookup(template_ids, chosen[:, 1], "pairs column 2")]
+        return np.einsum("ij,ij->i", a, b)
+
+    return exact
+
+
 def ijb_verification(
     template_ids: np.ndarray,
     template_feats: np.ndarray,
@@ -497,15 +518,20 @@ def ijb_verification(
     *,
     fars: Sequence[float] = DEFAULT_FARS,
     rule: str = "nearest",
+    refine: bool = True,
 ) -> dict:
     """1:1 verification: ``{"tar_at_far": {far: tar}, "auc": float, "scores": float32 [M]}``.
 
+    Scores come from one float32 matrix product (`score_template_pairs`); with ``refine`` (default) the
+    few pairs near each decision threshold are recomputed in float64 from ``template_feats`` (pass float64
+    features for a float64-exact table), so the table equals that of float64 scores.
     ``rule="nearest"`` (default) reproduces eval_ijbc.py's table (sklearn ROC, nearest FPR); ``"floor"``
     never exceeds the target FAR (see `tar_at_far`)."""
     scores = score_template_pairs(template_ids, template_feats, pairs)
     labels = np.asarray(labels, dtype=bool)
+    refiner = pair_refiner(template_ids, template_feats, np.asarray(pairs)) if refine else None
     return {
-        "tar_at_far": tar_at_far(scores, labels, fars, rule=rule),
+        "tar_at_far": tar_at_far(scores, labels, fars, rule=rule, refine=refiner),
         "auc": auc(scores, labels),
         "scores": scores,
     }
@@ -588,7 +614,7 @@ def evaluate_ijb(
     image_feats = combine_image_features(
         original, flipped, meta.faceness, norm=norm, detector=detector, flip=flip and flipped is not None
     )
-    tids, tfeats = template_features(image_feats, meta.templates, meta.medias)
+    tids, tfeats = template_features(image_feats, meta.templates, meta.medias, dtype=np.float64)
     verification = ijb_verification(tids, tfeats, meta.pairs, meta.labels, fars=fars, rule=far_rule)
     result = {
         "target": meta.target,

@@ -269,3 +269,12 @@ def test_synthetic_ijb_tree_from_the_data_package(tmp_path):
     for far in (0.1, 0.3):
         assert got["tar_at_far"][far] == pytest.approx(_scan(scores, labels, far), abs=1e-12)
     assert set(got["identification"]) == {"G1", "G2", "mean"}
+
+
+def test_ijbb_layout_uses_s1_s2_galleries(tmp_path):
+    root = tmp_path / "IJBB"
+    _build_tree(root, np.random.default_rng(5), target="ijbb")
+    got = ev.evaluate_ijb(_features, root, "IJBB", fars=(0.1,), return_scores=True)
+    _, scores, labels = _brute_force(root, True, True, True, target="ijbb")
+    np.testing.assert_allclose(got["scores"], scores, atol=1e-5)
+    assert got["target"] == "IJBB" and set(got["identification"]) == {"S1", "S2", "mean"}

@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['gmacs']:.3f} | {r['img_per_s_median']:.0f} | "
-            f"{r['img_per_s_max']:.0f} | {r['img_per_cpu_s_median']:.0f} | {r['ratio_to_baseline_median']:.2f} |"
+            f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['gmacs']:.3f} | {r['img_per_s_median']:.3g} | "
+            f"{r['img_per_s_max']:.3g} | {r['img_per_cpu_s_median']:.3g} | {r['ratio_to_baseline_median']:.3g} |"
         )
     return 0
 

@@ -182,3 +182,19 @@ def test_whole_model_in_float64():
     model = mf.models.create("mobilefacenet", embedding_size=16, input_size=32).double().eval()
     out = model(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, bad_shape",
+    [
+        ("small_cnn", {}, (2, 3, 112, 112)),
+        ("small_cnn", {"input_size": 112, "resize_to": 56}, (2, 3, 56, 56)),
+        ("mobilefacenet", {"input_size": 32}, (2, 1, 32, 32)),
+        ("iresnet18", {"input_size": 32}, (3, 32, 32)),
+    ],
+)
+def test_wrong_input_shape_names_the_expected_one(name, kwargs, bad_shape):
+    model = mf.models.create(name, embedding_size=8, **kwargs).eval()
+    height, width = model.input_size
+    with pytest.raises(ValueError, match=rf"{name}: expected images of shape \[N, 3, {height}, {width}\]"):
+        model(torch.zeros(bad_shape))

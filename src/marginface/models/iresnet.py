@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from marginface.errors import ConfigError
-from marginface.models.registry import check_dropout, check_embedding_size, check_input_size, register
+from marginface.models.registry import check_dropout, check_embedding_size, check_input, check_input_size, register
 
 # Blocks per stage, as in insightface's arcface_torch.
 STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
@@ -114,6 +114,7 @@ class IResNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self.config["name"], x, self.input_size)
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(self.bn2(x))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from marginface.models.registry import check_dropout, check_embedding_size, check_input_size, register
+from marginface.models.registry import check_dropout, check_embedding_size, check_input, check_input_size, register
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s)
 BOTTLENECK_STAGES = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -103,6 +103,7 @@ class MobileFaceNet(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("mobilefacenet", x, self.input_size)
         x = self.gdconv(self.body(x))
         return self.features(self.fc(self.dropout(torch.flatten(x, 1))))
 

@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from marginface.errors import ConfigError
@@ -103,3 +104,13 @@ def check_input_size(model: str, input_size: Any, multiple: int, minimum: int) -
                 f"{multiple} and at least {minimum} (the default is 112x112)"
             )
     return height, width
+
+
+def check_input(model: str, x: torch.Tensor, input_size: tuple[int, int]) -> None:
+    """Fail with the expected shape, rather than with a matrix-size error from deep inside the network."""
+    if torch.jit.is_tracing():
+        return  # the TorchScript ONNX exporter traces with the right shape; a Python check would only warn
+    if x.dim() != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != tuple(input_size):
+        raise ValueError(
+            f"{model}: expected images of shape [N, 3, {input_size[0]}, {input_size[1]}], got {list(x.shape)}"
+        )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from marginface.errors import ConfigError
-from marginface.models.registry import check_dropout, check_embedding_size, parse_size, register
+from marginface.models.registry import check_dropout, check_embedding_size, check_input, parse_size, register
 
 DEFAULT_CHANNELS = (32, 64, 64, 128, 128, 128)
 # Striding early keeps the cost low: at 56x56 the maps are 28-14-7-7-4-4 (14.4M MACs per image). Putting
@@ -103,6 +103,7 @@ class SmallCNN(nn.Module):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("small_cnn", x, self.input_size)
         if self.resize_to is not None:
             x = F.interpolate(x, size=self.resize_to, mode="bilinear", align_corners=False)
         if self.channels_last:

@@ -6,7 +6,7 @@ simplejpeg decoding of the same pictures (what the training loader pays per imag
 decode" reads as "generating a picture costs 20 decodes". Absolute images/s are printed as the median too.
 
     .venv/bin/python benchmarks/data_synth.py                 # per-core rates (about 1 minute)
-    .venv/bin/python benchmarks/data_synth.py --e2e           # plus end-to-end 1 vs 2 workers on a mid-size set
+    .venv/bin/python benchmarks/data_synth.py --e2e           # plus end-to-end 1 vs 2 workers on a small set
     .venv/bin/python benchmarks/data_synth.py --full          # plus one timed generation of the default set
 """
 
@@ -78,8 +78,8 @@ def per_core(rounds: int, n: int) -> dict:
 
 
 def end_to_end(rounds: int) -> dict:
-    """Mid-size set (100 ids x 20, 4 x 200 pairs, 12-subject IJB), workers=1 vs 2, interleaved."""
-    params = dict(identities=100, images_per_id=20, pairs_per_set=200, eval_identities=60, ijb_identities=12)
+    """Small complete set (50 ids x 20, 4 x 100 pairs, 6-subject IJB), workers=1 vs 2, interleaved."""
+    params = dict(identities=50, images_per_id=20, pairs_per_set=100, eval_identities=40, ijb_identities=6)
     times: dict[int, list[float]] = {1: [], 2: []}
     images = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--images", type=int, default=100, help="pictures per variant per round")
-    parser.add_argument("--e2e", action="store_true", help="also time a mid-size set with 1 vs 2 workers")
+    parser.add_argument("--e2e", action="store_true", help="also time a small complete set with 1 vs 2 workers")
     parser.add_argument("--full", action="store_true", help="also time the default set (400 x 20 + pairs + IJB)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -30,7 +30,7 @@ from marginface.data.synth.sample import ImageSpec, render_jpegs
 from marginface.errors import ConfigError
 
 # Bump whenever the pictures a given set of parameters produces change, so that stale caches are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CACHE_ENV = "MARGINFACE_CACHE"
 MANIFEST = "manifest.json"
 IJB_DIR = "synth_ijb"

@@ -52,7 +52,7 @@ def identity_latent(seed: int, split: str, family: int, member: int = 0, delta: 
     return np.sqrt(1.0 - delta * delta) * z + delta * eps
 
 
-def aged_latent(z: np.ndarray, rng: np.random.Generator, amount: float, delta_age: float = 0.5) -> np.ndarray:
+def aged_latent(z: np.ndarray, rng: np.random.Generator, amount: float, delta_age: float = 0.3) -> np.ndarray:
     """Drift a few latent coordinates (hairline, skin, hair colour, mark strength) by `amount * delta_age`."""
     out = z.copy()
     out[AGE_DIMS] += amount * delta_age * rng.standard_normal(len(AGE_DIMS))

@@ -281,6 +281,8 @@ def test_cache_is_reused_and_keyed_by_parameters(tmp_path, monkeypatch):
     monkeypatch.setattr(synth_build, "render_jpegs", boom)
     again = synthetic(**SMALL, workers=1)
     assert not again.generated and again.root == first.root
+    via_package = mf.data.synthetic(**SMALL)  # the lazy `marginface.data` entry point reaches the same cache
+    assert not via_package.generated and via_package.root == first.root
     assert (again.root / "train.rec").stat().st_mtime_ns == stamp
     with pytest.raises(AssertionError, match="rendered again"):
         synthetic(**{**SMALL, "difficulty": 0.3}, workers=1)

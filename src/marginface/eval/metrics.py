@@ -365,9 +365,12 @@ def tar_at_far(
     n_imp, n_gen = impostor.size, genuine.size
     if n_imp == 0 or n_gen == 0:
         raise ConfigError(f"tar_at_far needs both genuine and impostor scores, got {n_gen} and {n_imp}")
-    # nearest: the answer lies at FPR ~ far; a margin of 64 impostors is checked below, else widened
-    margin = 64 if (rule == "nearest" or refine is not None) else 1
-    m = min(n_imp, max(int(np.floor(x * n_imp)) for x in targets) + margin)
+    kmax = max(int(np.floor(x * n_imp)) for x in targets)
+    # nearest: the answer lies at FPR ~ far, but sklearn drops the inner points of straight stretches of the
+    # ROC, so the nearest corner can be thousands of impostors away in the bulk; a margin of 1/32 of the tail
+    # costs little (the sort is of the tail anyway) and is checked below, else widened to every impostor
+    margin = max(64, kmax // 32) if rule == "nearest" else (64 if refine is not None else 1)
+    m = min(n_imp, kmax + margin)
     top = _top_impostors(impostor, m)
     if refine is not None:
         inside = np.zeros(scores.size, dtype=bool)
@@ -375,7 +378,14 @@ def tar_at_far(
             k = int(np.floor(x * n_imp))
             if k >= n_imp:
                 continue
-            high, low = top[max(0, k - margin)], top[min(top.size - 1, k + margin)]
+            high, low = top[max(0, k - 64)], top[min(top.size - 1, k + 64)]
+            if rule == "nearest":
+                # the corners that decide the nearest point sit at genuine scores: reach the second genuine
+                # score beyond each end
+                above = np.searchsorted(genuine, high, side="right") + 1
+                below = np.searchsorted(genuine, low, side="left") - 2
+                high = genuine[above] if above < n_gen else np.inf
+                low = genuine[below] if below >= 0 else -np.inf
             inside |= (scores >= low - refine_tolerance) & (scores <= high + refine_tolerance)
         index = np.flatnonzero(inside)
         exact = scores.astype(np.float64)

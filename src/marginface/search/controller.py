@@ -289,7 +289,7 @@ def _epochs(settings, config, out_dir, saved, progress, space, trainer, steps, g
         candidates.set_margin(json.loads(saved["margin"]))
         records = json.loads(saved["records"])
         start_epoch = int(saved["epoch"])
-        if is_main and progress:
+        if is_main:  # always said, as `marginface train --resume` does
             print(f"resumed {out_dir} after epoch {start_epoch} of {settings.epochs}", flush=True)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,8 +317,6 @@ def _epochs(settings, config, out_dir, saved, progress, space, trainer, steps, g
         }
         records.append(record)
         if is_main:
-            summary = build_summary(settings, config, space, policy, records, steps)
-            write_json(out_dir / SEARCH_JSON, summary, atomic_write_bytes)
             state = {
                 "format": STATE_FORMAT,
                 "epoch": epoch + 1,
@@ -332,6 +330,9 @@ def _epochs(settings, config, out_dir, saved, progress, space, trainer, steps, g
             buffer = io.BytesIO()
             torch.save(state, buffer)
             atomic_write_bytes(out_dir / STATE_FILE, buffer.getvalue())
+            # search.json after the state: it never shows an epoch that a resume would not start after
+            summary = build_summary(settings, config, space, policy, records, steps)
+            write_json(out_dir / SEARCH_JSON, summary, atomic_write_bytes)
             if progress:
                 print(epoch_line(record, settings.epochs), file=sys.stdout, flush=True)
     summary = build_summary(settings, config, space, policy, records, steps)

@@ -37,7 +37,8 @@ def plot_search(summary: dict, directory: str | os.PathLike) -> list[Path]:
     for record in epochs:
         if not record["warmup"]:
             for candidate in record["candidates"]:
-                axis.scatter(record["epoch"] + 1, candidate["params"]["x"][0], s=8, color="0.4")
+                # drawn from the distribution after record["epoch"] epochs
+                axis.scatter(record["epoch"], candidate["params"]["x"][0], s=8, color="0.4")
     axis.set_xlabel("epoch (0: initial)")
     axis.set_ylabel("search variable (mean ± σ; dots: samples of x0)")
     label = "z = ln(−a)" if summary["space"] in ("global", "local") else "[slope, intercept] of t pieces"

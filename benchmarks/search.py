@@ -37,6 +37,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--s", type=float, default=30.0)
+    parser.add_argument("--policy-lr", type=float, help="Adam lr of Search-Softmax's distribution (default 0.1)")
+    parser.add_argument("--methods", nargs="+", choices=("search_softmax", "random_softmax", "cosface",
+                                                         "curricularface"),
+                        default=["search_softmax", "random_softmax", "cosface", "curricularface"])
     parser.add_argument("--json", help="write every result to this file")
     args = parser.parse_args()
 
@@ -56,6 +60,7 @@ def main() -> None:
         "cosface (m=0.35)": ("cosface", {"s": args.s, "m": 0.35}),
         "curricularface (m=0.5)": ("curricularface", {"s": args.s, "m": 0.5}),
     }
+    methods = {name: value for name, value in methods.items() if name.split()[0] in args.methods}
     results: dict[str, list[dict]] = {name: [] for name in methods}
     with tempfile.TemporaryDirectory(prefix="mf-search-bench-") as scratch:
         for seed in args.seeds:
@@ -69,7 +74,8 @@ def main() -> None:
                     config = load_config(None, [*base, f"head.params.s={args.s}"])
                     settings = SearchSettings(method=name, candidates=args.candidates, epochs=args.epochs,
                                               steps_per_epoch=steps, warmup_epochs=args.warmup_epochs, seed=seed,
-                                              reward_pairs=reward_pairs)
+                                              reward_pairs=reward_pairs,
+                                              policy_lr=args.policy_lr if name == "search_softmax" else None)
                     summary = run_search(settings, config, out, progress=False)
                     trainer_steps = steps * (args.warmup_epochs + (args.epochs - args.warmup_epochs) * args.candidates)
                     # the final model scored on the training set's own pair sets (never used for selection)
@@ -95,6 +101,8 @@ def main() -> None:
                       + (f"  found m={extra['found_equivalent_margin']:.3f}" if extra.get("found_equivalent_margin")
                          else ""), flush=True)
 
+    if args.policy_lr is not None:
+        print(f"\nsearch_softmax with --policy-lr {args.policy_lr}")
     print(f"\n| method | synth_hard 10-fold acc. (mean ± std over seeds {args.seeds}) | synth_lfw | "
           "steps trained per seed |")
     print("|---|---|---|---|")

@@ -42,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--warmup-epochs", type=int, metavar="W", help="epochs with the fixed initial loss (default 1)")
     parser.add_argument("--mode", help="sequential (default) or ranks (one torchrun rank per candidate)")
     parser.add_argument("--resume", metavar="DIR", help="continue the search in DIR from its last finished epoch")
-    parser.add_argument("--seed", type=int, help="seed of the samples and of training (default 0)")
+    parser.add_argument("--seed", type=int,
+                        help="seed of the samples and of training (default the config's train.seed)")
     parser.add_argument("--sigma", type=float, help="σ of the search distribution (default 1 on z = ln(−a); "
                         "sqrt(0.2) for AM-LFS)")
     parser.add_argument("--learn-sigma", action="store_true", help="learn σ too (log σ by REINFORCE)")

@@ -46,7 +46,7 @@ class SearchSettings:
     space: str = "global"  # global | local (Search-/Random-Softmax)
     warmup_epochs: int = 1
     mode: str = "sequential"
-    seed: int = 0
+    seed: int | None = None  # None: the training config's train.seed
     sigma: float | None = None  # None: the method's default
     learn_sigma: bool = False
     policy_lr: float | None = None
@@ -69,6 +69,8 @@ class SearchSettings:
         check_int("--candidates", self.candidates, 2, "a search compares at least 2 candidates per epoch")
         check_int("--warmup-epochs", self.warmup_epochs, 0, "warm-up epochs train with the fixed initial loss")
         check_int("--epochs", self.epochs, 1, "")
+        if self.seed is not None:
+            check_int("--seed", self.seed, 0, "")
         if self.epochs <= self.warmup_epochs:
             raise ConfigError(f"--epochs={self.epochs} is invalid with --warmup-epochs={self.warmup_epochs}: expected "
                               "more epochs than warm-up epochs (the search happens after the warm-up)")
@@ -195,7 +197,8 @@ def prepare_config(config, settings: SearchSettings, space: SearchSpace):
     raw = config.to_dict()
     warmup = space.warmup_config()
     raw["head"] = {**raw["head"], "margin": warmup["margin"], "params": warmup["params"]}
-    raw["train"]["seed"] = settings.seed
+    if settings.seed is not None:
+        raw["train"]["seed"] = settings.seed
     return config_from_dict(raw)
 
 
@@ -300,7 +303,7 @@ def _epochs(settings, config, out_dir, saved, progress, space, trainer, steps, g
         if warmup:
             samples = torch.tensor([space.initial_mean()], dtype=torch.float64)
         else:
-            samples = policy.sample(settings.candidates, sample_generator(settings.seed, epoch))
+            samples = policy.sample(settings.candidates, sample_generator(config.train.seed, epoch))
         margin_configs = [space.margin_config(x) for x in samples]
         rewards, accuracies, best = candidates.run_epoch(margin_configs, steps)
         if not warmup and settings.updates:

@@ -191,10 +191,10 @@ def test_template_features_against_float64_loop():
     assert list(tids) == sorted(set(templates.tolist()))
 
 
-@pytest.mark.parametrize("max_block", [1 << 28, 50])
-def test_score_template_pairs_against_loop(max_block):
+@pytest.mark.parametrize(("max_block", "offset"), [(1 << 28, 0), (50, 0), (1 << 28, 1 << 40), (50, -5000)])
+def test_score_template_pairs_against_loop(max_block, offset):
     rng = np.random.default_rng(2)
-    tids = np.sort(rng.choice(10_000, size=120, replace=False))
+    tids = np.sort(rng.choice(10_000, size=120, replace=False)) + offset  # large/negative ids: sort path
     feats = rng.standard_normal((120, 8)).astype(np.float32)
     pairs = np.stack([rng.choice(tids[:30], 500), rng.choice(tids, 500)], axis=1)
     got = ev.score_template_pairs(tids, feats, pairs, max_block_elements=max_block)

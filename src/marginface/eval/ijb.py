@@ -437,9 +437,10 @@ def _row_lookup(template_ids: np.ndarray, ids: np.ndarray, source: str) -> np.nd
     return rows
 
 
-def _column_positions(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique ids of one pair column (sorted) and each pair's position among them, through an O(N) mark
-    table when the ids are small non-negative integers (as IJB's are); a sort otherwise."""
+def _column_index(ids: np.ndarray) -> tuple[np.ndarray, Callable[[slice], np.ndarray]]:
+    """Unique ids of one pair column (sorted) and a function giving the pairs' positions among them for a
+    slice of the column: an O(N) mark table when the ids are small non-negative integers (as IJB's are),
+    a sort otherwise."""
     ids = np.asarray(ids)
     lo, hi = int(ids.min()), int(ids.max())
     if lo >= 0 and hi < 1 << 27:
@@ -448,9 +449,10 @@ def _column_positions(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         unique = np.flatnonzero(mark)
         table = np.zeros(hi + 1, dtype=np.int32)
         table[unique] = np.arange(unique.size, dtype=np.int32)
-        return unique, table[ids]
+        return unique, lambda part: table[ids[part]]
     unique, positions = np.unique(ids, return_inverse=True)
-    return unique, positions.astype(np.int64).reshape(-1)
+    positions = positions.astype(np.int64).reshape(-1)
+    return unique, lambda part: positions[part]
 
 
 def score_template_pairs(
@@ -470,16 +472,27 @@ def score_template_pairs(
     if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.shape[0] == 0:
         raise ConfigError(f"pairs must be [M, 2] template ids, got shape {pairs.shape}")
     feats = np.ascontiguousarray(template_feats, dtype=np.float32)
-    u1, pos1 = _column_positions(pairs[:, 0])
-    u2, pos2 = _column_positions(pairs[:, 1])
-    left = feats[_row_lookup(template_ids, u1, "pairs column 1")]
-    right = feats[_row_lookup(template_ids, u2, "pairs column 2")].T  # BLAS reads the transpose in place
-    n2 = u2.size
-    if u1.size * n2 <= max_block_elements:
-        product = left @ right
-        flat = pos1 * n2 if u1.size * n2 >= 1 << 31 else pos1 * np.int32(n2)
-        flat += pos2
-        return product.reshape(-1).take(flat)
+    m = pairs.shape[0]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        (u1, pos1_of), (u2, pos2_of) = pool.map(_column_index, (pairs[:, 0], pairs[:, 1]))
+        left = feats[_row_lookup(template_ids, u1, "pairs column 1")]
+        right = feats[_row_lookup(template_ids, u2, "pairs column 2")].T  # BLAS reads the transpose in place
+        n2 = u2.size
+        if u1.size * n2 <= max_block_elements:
+            product = left @ right
+            flat_product = product.reshape(-1)
+            wide = u1.size * n2 >= 1 << 31
+            scores = np.empty(m, dtype=np.float32)
+
+            def gather(part: slice) -> None:
+                # position lookups and the gather release the GIL: slices of pairs run on the thread pool
+                flat = pos1_of(part).astype(np.int64) * n2 if wide else pos1_of(part) * np.int32(n2)
+                flat += pos2_of(part)
+                np.take(flat_product, flat, out=scores[part])
+
+            list(pool.map(gather, [slice(i, i + (1 << 20)) for i in range(0, m, 1 << 20)]))
+            return scores
+    pos1, pos2 = pos1_of(slice(None)), pos2_of(slice(None))
     block = max(1, max_block_elements // n2)
     bucket = (pos1 // block).astype(np.int32)
     order = np.argsort(bucket, kind="stable")

@@ -373,7 +373,7 @@ def tar_at_far(
     m = min(n_imp, kmax + margin)
     top = _top_impostors(impostor, m)
     if refine is not None:
-        inside = np.zeros(scores.size, dtype=bool)
+        windows = []
         for x in targets:
             k = int(np.floor(x * n_imp))
             if k >= n_imp:
@@ -386,7 +386,15 @@ def tar_at_far(
                 below = np.searchsorted(genuine, low, side="left") - 2
                 high = genuine[above] if above < n_gen else np.inf
                 low = genuine[below] if below >= 0 else -np.inf
-            inside |= (scores >= low - refine_tolerance) & (scores <= high + refine_tolerance)
+            windows.append((float(low) - refine_tolerance, float(high) + refine_tolerance))
+        # one pass over the scores: merged closed windows as sorted edges, inside = odd edge count
+        edges: list[float] = []
+        for low, high in sorted(windows):
+            if edges and low <= edges[-1]:
+                edges[-1] = max(edges[-1], np.nextafter(high, np.inf))
+            else:
+                edges += [low, np.nextafter(high, np.inf)]
+        inside = np.searchsorted(np.asarray(edges), scores, side="right") % 2 == 1
         index = np.flatnonzero(inside)
         exact = scores.astype(np.float64)
         exact[index] = np.asarray(refine(index), dtype=np.float64).reshape(-1)

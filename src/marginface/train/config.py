@@ -78,7 +78,7 @@ class ScheduleConfig:
 class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    epochs: float = 6.0
+    epochs: float = 4.0
     max_steps: int | None = None  # overrides epochs when set
     batch_size: int = 128  # per process
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast for the backbone; the head is always fp32)
@@ -86,8 +86,8 @@ class TrainConfig:
     accumulation: int = 1
     max_nonfinite: int = 20  # consecutive skipped steps before aborting
     log_every: int = 20
-    eval_every: int = 200  # steps; 0: only at the end
-    checkpoint_every: int = 200  # steps; 0: only at the end
+    eval_every: int = 100  # steps; 0: only at the end
+    checkpoint_every: int = 100  # steps; 0: only at the end
     keep_checkpoints: int = 3
     threads: int | None = None  # torch intra-op threads per process; None: torch's default
 

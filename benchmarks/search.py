@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--s", type=float, default=30.0)
     parser.add_argument("--policy-lr", type=float, help="Adam lr of Search-Softmax's distribution (default 0.1)")
+    parser.add_argument("--initial-margin", type=float, help="Search-/Random-Softmax initial margin (default 1/3)")
+    parser.add_argument("--cosface-margin", type=float, default=0.35)
     parser.add_argument("--methods", nargs="+", choices=("search_softmax", "random_softmax", "cosface",
                                                          "curricularface"),
                         default=["search_softmax", "random_softmax", "cosface", "curricularface"])
@@ -57,7 +59,7 @@ def main() -> None:
     methods = {
         "search_softmax": None,
         "random_softmax": None,
-        "cosface (m=0.35)": ("cosface", {"s": args.s, "m": 0.35}),
+        f"cosface (m={args.cosface_margin})": ("cosface", {"s": args.s, "m": args.cosface_margin}),
         "curricularface (m=0.5)": ("curricularface", {"s": args.s, "m": 0.5}),
     }
     methods = {name: value for name, value in methods.items() if name.split()[0] in args.methods}
@@ -74,7 +76,7 @@ def main() -> None:
                     config = load_config(None, [*base, f"head.params.s={args.s}"])
                     settings = SearchSettings(method=name, candidates=args.candidates, epochs=args.epochs,
                                               steps_per_epoch=steps, warmup_epochs=args.warmup_epochs, seed=seed,
-                                              reward_pairs=reward_pairs,
+                                              reward_pairs=reward_pairs, initial_margin=args.initial_margin,
                                               policy_lr=args.policy_lr if name == "search_softmax" else None)
                     summary = run_search(settings, config, out, progress=False)
                     trainer_steps = steps * (args.warmup_epochs + (args.epochs - args.warmup_epochs) * args.candidates)
@@ -101,8 +103,7 @@ def main() -> None:
                       + (f"  found m={extra['found_equivalent_margin']:.3f}" if extra.get("found_equivalent_margin")
                          else ""), flush=True)
 
-    if args.policy_lr is not None:
-        print(f"\nsearch_softmax with --policy-lr {args.policy_lr}")
+    print(f"\nsearch --policy-lr {args.policy_lr or 'default'}, --initial-margin {args.initial_margin or 'default'}")
     print(f"\n| method | synth_hard 10-fold acc. (mean ± std over seeds {args.seeds}) | synth_lfw | "
           "steps trained per seed |")
     print("|---|---|---|---|")

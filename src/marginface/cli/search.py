@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seed of the samples and of training (default the config's train.seed)")
     parser.add_argument("--sigma", type=float, help="σ of the search distribution (default 1 on z = ln(−a); "
                         "sqrt(0.2) for AM-LFS)")
+    parser.add_argument("--initial-margin", type=float, metavar="M",
+                        help="Search-/Random-Softmax: start the distribution at a = 1 − e^(s·M), i.e. CosFace(M) "
+                        "(default a = −e^(s/3), M ≈ 1/3); the warm-up trains with it")
     parser.add_argument("--learn-sigma", action="store_true", help="learn σ too (log σ by REINFORCE)")
     parser.add_argument("--policy-lr", type=float, help="Adam learning rate of the distribution (default 0.1; "
                         "0.05 for AM-LFS)")
@@ -60,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 SETTING_OPTIONS = ("method", "candidates", "epochs", "steps_per_epoch", "space", "warmup_epochs", "mode", "seed",
-                   "sigma", "policy_lr", "normalisation", "reward_pairs")
+                   "sigma", "policy_lr", "normalisation", "reward_pairs", "initial_margin")
 
 
 def run(args: argparse.Namespace) -> int:

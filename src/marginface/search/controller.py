@@ -55,6 +55,7 @@ class SearchSettings:
     bins: int = 10  # local space
     pieces: int = 6  # AM-LFS
     search_tau: bool = False  # AM-LFS
+    initial_margin: float | None = None  # Search-/Random-Softmax: equivalent margin of the initial mean (None: ~1/3)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -76,7 +77,8 @@ class SearchSettings:
                               "more epochs than warm-up epochs (the search happens after the warm-up)")
         if self.steps_per_epoch is not None:
             check_int("--steps-per-epoch", self.steps_per_epoch, 1, "")
-        for name, value in (("--sigma", self.sigma), ("--policy-lr", self.policy_lr)):
+        for name, value in (("--sigma", self.sigma), ("--policy-lr", self.policy_lr),
+                            ("--initial-margin", self.initial_margin)):
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name}={value!r} is invalid: expected a number > 0")
 
@@ -205,7 +207,7 @@ def prepare_config(config, settings: SearchSettings, space: SearchSpace):
 def search_space_for(settings: SearchSettings, config) -> SearchSpace:
     s = float(config.head.params.get("s", 32.0))
     return create_space(settings.method, s, settings.space, bins=settings.bins, pieces=settings.pieces,
-                        search_tau=settings.search_tau)
+                        search_tau=settings.search_tau, initial_margin=settings.initial_margin)
 
 
 def run_search(settings: SearchSettings, config, out_dir: str | os.PathLike, progress: bool = True) -> dict:

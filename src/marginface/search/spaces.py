@@ -140,13 +140,19 @@ class PiecewiseLinear(SearchSpace):
 SPACES = ("global", "local")
 
 
+def z_for_margin(m: float, s: float) -> float:
+    """The z with equivalent margin m > 0: ln(e^{s·m} − 1), computed without overflow."""
+    return s * m + math.log(-math.expm1(-s * m))
+
+
 def create_space(method: str, s: float, space: str = "global", bins: int = 10, pieces: int = 6,
-                 search_tau: bool = False) -> SearchSpace:
+                 search_tau: bool = False, initial_margin: float | None = None) -> SearchSpace:
     """The space of ``method``: Search-/Random-Softmax in the ``global`` or ``local`` factor space, AM-LFS pieces."""
     if method == "am_lfs":
         return PiecewiseLinear(s, pieces=pieces, search_tau=search_tau)
+    initial_z = None if initial_margin is None else z_for_margin(initial_margin, s)
     if space == "global":
-        return GlobalFactor(s)
+        return GlobalFactor(s, initial_z)
     if space == "local":
-        return LocalFactors(s, bins=bins)
+        return LocalFactors(s, bins=bins, initial_z=initial_z)
     raise ConfigError(f"--space {space!r} is invalid: expected one of {', '.join(SPACES)}")

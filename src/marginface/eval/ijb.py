@@ -516,9 +516,13 @@ def pair_refiner(
 
     def exact(index: np.ndarray) -> np.ndarray:
         chosen = pairs[index]
-        a = feats64[_row_lookup(template_ids, chosen[:, 0], "pairs column 1")]
-        b = feats64[_row_lookup(template_ids, chosen[:, 1], "pairs column 2")]
-        return np.einsum("ij,ij->i", a, b)
+        rows1 = _row_lookup(template_ids, chosen[:, 0], "pairs column 1")
+        rows2 = _row_lookup(template_ids, chosen[:, 1], "pairs column 2")
+        out = np.empty(index.size, dtype=np.float64)
+        for start in range(0, index.size, 4096):  # small blocks: no large fresh temporaries
+            part = slice(start, start + 4096)
+            out[part] = np.einsum("ij,ij->i", feats64[rows1[part]], feats64[rows2[part]])
+        return out
 
     return exact
 

@@ -398,7 +398,11 @@ def tar_at_far(
         index = np.flatnonzero(inside)
         exact = scores.astype(np.float64)
         exact[index] = np.asarray(refine(index), dtype=np.float64).reshape(-1)
-        return tar_at_far(exact, labels, targets, rule=rule)
+        genuine = np.sort(exact[labels])
+        impostor = exact[~labels]
+        # scores moved by less than the tolerance, so the new top m lie above the old cutoff - tolerance
+        candidates = impostor[impostor >= float(top[-1]) - refine_tolerance] if m < n_imp else impostor
+        top = _top_impostors(candidates if candidates.size >= m else impostor, m)
     if rule == "floor":
         out = {}
         for x in targets:

@@ -144,6 +144,16 @@ def test_global_space_is_cosface_with_the_equivalent_margin():
         assert space.describe([z])["equivalent_margin"] == pytest.approx(m, rel=1e-12)
 
 
+def test_initial_margin_sets_the_initial_factor():
+    s, m = 30.0, 0.1
+    space = create_space("random_softmax", s, initial_margin=m)
+    (z,) = space.initial_mean()
+    assert z == pytest.approx(math.log(math.exp(s * m) - 1.0), rel=1e-12)  # a = 1 − e^{s·m} = −exp(z)
+    assert space.warmup_config()["params"]["a"] == pytest.approx(1.0 - math.exp(s * m), rel=1e-12)
+    local = create_space("search_softmax", s, "local", bins=3, initial_margin=m)
+    assert local.initial_mean() == pytest.approx([z] * 3, rel=1e-12)
+
+
 def test_local_and_am_lfs_spaces():
     local = create_space("search_softmax", 32.0, "local", bins=4)
     config = local.margin_config([0.0, 1.0, 2.0, 3.0])

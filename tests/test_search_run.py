@@ -179,6 +179,7 @@ def test_am_lfs_and_local_space_runs(cache, tmp_path, monkeypatch):
         (["--candidates", "1"], "--candidates=1 is invalid: expected an integer >= 2"),
         (["--epochs", "2", "--warmup-epochs", "2"], "--epochs=2 is invalid with --warmup-epochs=2: expected more "
                                                     "epochs than warm-up epochs"),
+        (["--initial-margin", "-0.2"], "--initial-margin=-0.2 is invalid: expected a number > 0"),
         (["--space", "galactic"], "--space 'galactic' is invalid: expected one of global, local"),
         (["--mode", "threads"], "--mode 'threads' is invalid: expected one of sequential, ranks"),
         (["--mode", "ranks"], "--mode ranks runs one process per candidate: launch 4 processes"),

@@ -85,6 +85,10 @@ def make_infer_step(model: torch.nn.Module, batch_size: int):
     return step
 
 
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
@@ -154,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(
-            f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['gmacs']:.3f} | {r['img_per_s_median']:.3g} | "
-            f"{r['img_per_s_max']:.3g} | {r['img_per_cpu_s_median']:.3g} | {r['ratio_to_baseline_median']:.3g} |"
+            f"| {r['variant']} | {r['params'] / 1e6:.2f}M | {r['gmacs']:.3f} | {_fmt(r['img_per_s_median'])} | "
+            f"{_fmt(r['img_per_s_max'])} | {_fmt(r['img_per_cpu_s_median'])} | {r['ratio_to_baseline_median']:.3g} |"
         )
     return 0
 

@@ -22,7 +22,8 @@ _NORM_EPS = 1e-12
 
 def inverse_norms(weight: Tensor) -> Tensor:
     """1/‖w_c‖ per class centre: folded into the product instead of normalising a [C, D] copy."""
-    return torch.rsqrt(weight.pow(2).sum(1).clamp_min(_NORM_EPS**2))
+    # vector_norm is one fused reduction whose backward is a single pass over W (pow + sum would be three)
+    return torch.linalg.vector_norm(weight, dim=1).clamp_min(_NORM_EPS).reciprocal()
 
 
 def cosine_matrix(embeddings: Tensor, weight: Tensor) -> Tensor:
@@ -108,8 +109,40 @@ class DenseEngine:
         ctx = margin.finish(ctx, margin.row_statistics(cos, target_mask, ctx))
         if statistics is not None:
             record_statistics(statistics, margin, ctx, cos, target_mask)
-        logits = cos * scale if margin.identity_negatives else margin.negative_logits(cos, ctx) * scale
+        if margin.identity_negatives:
+            logits = cos * scale
+        elif hasattr(margin, "negatives_with_slope") and torch.is_grad_enabled():
+            logits = ScaledNegatives.apply(cos, margin, ctx, scale)
+        else:
+            # in place: the margin's fresh output is not needed by its own backward, and a second [B, C]
+            # buffer would cost as much in page faults as the multiply itself
+            negatives = margin.negative_logits(cos, ctx)
+            logits = negatives.mul_(scale) if negatives is not cos else cos * scale
         return logits.scatter_(1, index, ctx["target"][:, None] * scale)
+
+
+class ScaledNegatives(torch.autograd.Function):
+    """scale·N(c) with the backward from the margin's own elementwise slope dN/dc.
+
+    Autograd through `torch.where(hard, f(c), c)` keeps several [B, C] temporaries and runs as many passes
+    backward; the slope is one saved tensor and the backward a single multiply. The head tests check it
+    against autograd of the margin's reference forward.
+    """
+
+    @staticmethod
+    def forward(ctx, cos: Tensor, margin: Margin, row_ctx: dict, scale) -> Tensor:
+        with torch.no_grad():
+            values, slope = margin.negatives_with_slope(cos, row_ctx)
+            values = values.mul_(scale) if values is not cos else cos * scale
+            slope = slope.mul_(scale) if isinstance(slope, Tensor) else slope * scale
+        ctx.save_for_backward(slope if isinstance(slope, Tensor) else None)
+        ctx.constant_slope = None if isinstance(slope, Tensor) else slope
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (slope,) = ctx.saved_tensors
+        return grad * (slope if slope is not None else ctx.constant_slope), None, None, None
 
 
 def record_statistics(

@@ -76,6 +76,13 @@ class MVSoftmax(Margin):
         emphasised = (1.0 + self.t) * cos + self.t if self.adaptive else cos + self.t
         return torch.where(hard_mask(cos, ctx), emphasised, cos)
 
+    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
+        """N and dN/dc together (the engines' fast backward); equal to autograd of negative_logits."""
+        hard = hard_mask(cos, ctx)
+        slope_hard = 1.0 + self.t if self.adaptive else 1.0
+        emphasised = cos * slope_hard + self.t
+        return torch.where(hard, emphasised, cos), torch.ones_like(cos).masked_fill_(hard, slope_hard)
+
 
 @register
 class ArcNegFace(AngularMargin):
@@ -99,8 +106,16 @@ class ArcNegFace(AngularMargin):
 
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         with torch.no_grad():
-            weight = self.alpha * torch.exp(-((cos - ctx["target"][:, None]) ** 2) / self.sigma)
+            weight = self.reweighting(cos, ctx)
         return weight * (cos + 1.0) - 1.0
+
+    def reweighting(self, cos: Tensor, ctx: RowContext) -> Tensor:
+        """w = α·exp(−(c − T)²/σ), treated as a constant (detached) as in the reference."""
+        return torch.exp(-((cos - ctx["target"].detach()[:, None]) ** 2) / self.sigma).mul_(self.alpha)
+
+    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
+        weight = self.reweighting(cos, ctx)
+        return torch.addcmul(weight, weight, cos).sub_(1.0), weight
 
 
 @register
@@ -149,6 +164,14 @@ class CurricularFace(AngularMargin):
         t = self.t.to(cos.dtype)
         return torch.where(hard_mask(cos, ctx), cos * (t + cos), cos)
 
+    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
+        t = self.t.to(cos.dtype)
+        hard = hard_mask(cos, ctx)
+        shifted = cos + t  # I(t, c) = t + c, the modulation coefficient
+        values = torch.where(hard, shifted.mul_(cos), cos)
+        slope = torch.where(hard, cos * 2.0 + t, 1.0)  # M = 2c + t on hard negatives
+        return values, slope
+
 
 @register
 class NPCFace(Margin):
@@ -187,8 +210,15 @@ class NPCFace(Margin):
 
     def row_statistics(self, cos: Tensor, target_mask: Tensor, ctx: RowContext) -> dict[str, Tensor]:
         with torch.no_grad():
-            hard = hard_mask(cos, ctx) & ~target_mask
-            return {"hard_sum": (cos * hard).sum(1), "hard_count": hard.sum(1).to(cos.dtype)}
+            hard = hard_mask(cos, ctx)
+            hard_sum = torch.where(hard, cos, 0.0).sum(1)
+            hard_count = hard.sum(1, dtype=cos.dtype)
+            # The target column is excluded per row (B values) rather than by masking the whole [B, C] block.
+            target_in_block = target_mask.any(1)
+            target_cos = ctx["target_cos"]
+            target_is_hard = target_in_block & (target_cos > ctx["threshold"])
+            hard_sum = hard_sum - torch.where(target_is_hard, target_cos.detach(), 0.0)
+            return {"hard_sum": hard_sum, "hard_count": hard_count - target_is_hard.to(cos.dtype)}
 
     def finish(self, ctx: RowContext, row_stats: Mapping[str, Tensor]) -> RowContext:
         # With no hard negative the sum is 0, so m̃ falls back to m0 by itself.
@@ -201,3 +231,7 @@ class NPCFace(Margin):
 
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         return torch.where(hard_mask(cos, ctx), self.t * cos + self.alpha, cos)
+
+    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
+        hard = hard_mask(cos, ctx)
+        return torch.where(hard, cos * self.t + self.alpha, cos), torch.ones_like(cos).masked_fill_(hard, self.t)

@@ -29,8 +29,12 @@ def check_modulating_factor(name: str, value: float) -> float:
 
 
 def negatives_logsumexp(scaled_cos: Tensor, target_mask: Tensor) -> Tensor:
-    """log Σ_{j≠y} e^{s·c_j} over a block (−inf for a block without negatives)."""
-    return scaled_cos.masked_fill(target_mask, float("-inf")).logsumexp(dim=1)
+    """log Σ_{j≠y} e^{s·c_j} over a block (−inf for a block without negatives).
+
+    ``scaled_cos`` must be a fresh tensor (e.g. ``cos * s``): the target is masked in place, which saves a
+    [B, C] copy; subtracting the target afterwards instead would lose all precision when p_y → 1.
+    """
+    return scaled_cos.masked_fill_(target_mask, float("-inf")).logsumexp(dim=1)
 
 
 def bin_index(values: Tensor, low: float, high: float, bins: int) -> Tensor:
@@ -83,11 +87,12 @@ class LFSLocal(Margin):
         self.register_buffer("a_bins", torch.tensor(values, dtype=torch.float64))
 
     def row_statistics(self, cos: Tensor, target_mask: Tensor, ctx: RowContext) -> dict[str, Tensor]:
-        return {"neg_lse": negatives_logsumexp(cos * self.s, target_mask)}
+        with torch.no_grad():  # only chooses the bin: piecewise constant, no gradient to carry
+            return {"neg_lse": negatives_logsumexp(cos * self.s, target_mask)}
 
     def finish(self, ctx: RowContext, row_stats: Mapping[str, Tensor]) -> RowContext:
         target_cos = ctx["target_cos"]
-        plain = target_cos * self.s
+        plain = target_cos.detach() * self.s
         p = torch.exp(plain - torch.logaddexp(plain, row_stats["neg_lse"]))
         shift = torch.log1p(-self.a_bins)[bin_index(p, 0.0, 1.0, len(self.a_bins))].to(target_cos.dtype)
         ctx["target"] = target_cos - shift / self.s

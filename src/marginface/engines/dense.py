@@ -53,9 +53,10 @@ class DenseEngine:
         dtype = torch.promote_types(compute_dtype(embeddings), weight.dtype)
         device_type = embeddings.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._logits(
+            logits, _ = self._logits(
                 margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce, statistics
             )
+        return logits
 
     def loss(
         self,
@@ -67,8 +68,12 @@ class DenseEngine:
         statistics: dict[str, float] | None = None,
     ) -> Tensor:
         """Mean cross-entropy of the margin logits."""
-        logits = self.logits(margin, embeddings, weight, labels, batch_reduce, statistics)
-        return F.cross_entropy(logits, labels.long())
+        dtype = torch.promote_types(compute_dtype(embeddings), weight.dtype)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            logits, loss = self._logits(
+                margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce, statistics, True
+            )
+        return loss if loss is not None else F.cross_entropy(logits, labels.long())
 
     def _logits(
         self,
@@ -78,7 +83,9 @@ class DenseEngine:
         labels: Tensor,
         batch_reduce: BatchReduce | None,
         statistics: dict[str, float] | None,
-    ) -> Tensor:
+        want_loss: bool = False,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(logits, None), or (None, loss) where the loss follows from the row statistics without logits."""
         x_hat = F.normalize(embeddings, dim=1, eps=_NORM_EPS)
         norms = embeddings.norm(dim=1) if margin.needs_norms else None
         inv_norm = inverse_norms(weight)
@@ -102,13 +109,20 @@ class DenseEngine:
             logits = product * (inv_norm * scale)
             if statistics is not None:
                 record_statistics(statistics, margin, ctx, None, None)
-            return logits.scatter_(1, index, (ctx["target"] * scale)[:, None])
+            return logits.scatter_(1, index, (ctx["target"] * scale)[:, None]), None
 
         cos = product * inv_norm
         target_mask = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, index, True)
-        ctx = margin.finish(ctx, margin.row_statistics(cos, target_mask, ctx))
+        row_stats = margin.row_statistics(cos, target_mask, ctx)
+        ctx = margin.finish(ctx, row_stats)
         if statistics is not None:
             record_statistics(statistics, margin, ctx, cos, target_mask)
+        negatives_lse = row_stats.get("neg_lse")
+        if want_loss and margin.identity_negatives and negatives_lse is not None and negatives_lse.requires_grad:
+            # The margin already holds log Σ_{j≠y} e^{s·c_j} with its graph (AM-LFS): the cross-entropy of
+            # [s·T, s·c_j] is then log(1 + e^{L − s·T}) per row, exactly, with no [B, C] logits at all.
+            target_logit = ctx["target"] * scale
+            return None, torch.logaddexp(target_logit, negatives_lse).sub(target_logit).mean()
         if margin.identity_negatives:
             logits = cos * scale
         elif hasattr(margin, "negatives_with_slope") and torch.is_grad_enabled():
@@ -118,7 +132,7 @@ class DenseEngine:
             # buffer would cost as much in page faults as the multiply itself
             negatives = margin.negative_logits(cos, ctx)
             logits = negatives.mul_(scale) if negatives is not cos else cos * scale
-        return logits.scatter_(1, index, ctx["target"][:, None] * scale)
+        return logits.scatter_(1, index, ctx["target"][:, None] * scale), None
 
 
 class ScaledNegatives(torch.autograd.Function):

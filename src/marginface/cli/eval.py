@@ -87,18 +87,9 @@ def run(args: argparse.Namespace) -> int:
 def resolve_pairs(args: argparse.Namespace) -> list[str]:
     """--pairs as given; for a run directory without --pairs, the pair sets the run was validated on."""
     if args.pairs:
-        paths = []
-        for item in args.pairs:
-            if os.path.isdir(item):
-                found = sorted(str(p) for p in Path(item).glob("*.bin"))
-                if not found:
-                    raise FileNotFoundError(f"--pairs {item}: the directory holds no .bin pair files")
-                paths += found
-            elif not os.path.exists(item):
-                raise FileNotFoundError(f"--pairs {item} does not exist (expected a .bin file or a directory)")
-            else:
-                paths.append(item)
-        return paths
+        from marginface.eval.pairs import pair_files
+
+        return pair_files(args.pairs, option="--pairs")
     metrics = Path(args.model) / "metrics.json"
     config = Path(args.model) / "config.yaml"
     if args.ijb or not (os.path.isdir(args.model) and metrics.exists() and config.exists()):

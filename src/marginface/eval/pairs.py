@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marginface.errors import DataFormatError
+from marginface.errors import ConfigError, DataFormatError
 
 __all__ = ["ALLOWED_GLOBALS", "PairSet", "load_pair_sets", "load_pairs", "save_pairs"]
 
@@ -329,6 +329,22 @@ def load_pairs(path: str | os.PathLike, *, image_size: int = IMAGE_SIZE) -> Pair
     for i, item in enumerate(encoded):
         images[i] = _decode(item, i, source, image_size)
     return PairSet(images=images, issame=issame, name=path.stem, path=path)
+
+
+def pair_files(paths: Sequence[str | os.PathLike], option: str = "pairs") -> list[str]:
+    """Expand `.bin` files and directories of them into a list of files; ``option`` names the setting in errors."""
+    expanded: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob("*.bin"))
+            if not found:
+                raise ConfigError(f"{option}: directory {path} holds no .bin pair files")
+            expanded += found
+        elif not path.exists():
+            raise ConfigError(f"{option}: {path} does not exist (expected a .bin file or a directory of them)")
+        else:
+            expanded.append(str(path))
+    return expanded
 
 
 def load_pair_sets(path: str | os.PathLike, names: Sequence[str] | None = None) -> dict[str, PairSet]:

@@ -100,12 +100,9 @@ def check_int(option: str, value: Any, minimum: int, why: str) -> None:
 def load_reward_pairs(paths: list[str]) -> list:
     """Read the reward pair sets up front: an unreadable one is an error before any training."""
     from marginface.eval import load_pairs
-    from marginface.train.trainer import expand_pair_paths
+    from marginface.eval.pairs import pair_files
 
-    try:
-        expanded = expand_pair_paths(list(paths))
-    except ConfigError as exc:
-        raise ConfigError(f"--reward-pairs: {str(exc).removeprefix('data.pairs: ')}") from None
+    expanded = pair_files(list(paths), option="--reward-pairs")
     sets = []
     for path in expanded:
         try:

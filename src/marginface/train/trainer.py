@@ -82,22 +82,9 @@ def resolve_data(config: Config, world: World, progress: bool = True) -> tuple[s
         train_path = train_path or str(built.train)
         if config.data.pairs is None:
             pairs = [str(built.pairs[name]) for name in sorted(built.pairs)]
-    return train_path, expand_pair_paths(pairs)
+    from marginface.eval.pairs import pair_files
 
-
-def expand_pair_paths(paths: list[str]) -> list[str]:
-    expanded = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = sorted(str(p) for p in Path(path).glob("*.bin"))
-            if not found:
-                raise ConfigError(f"data.pairs: directory {path} holds no .bin pair files")
-            expanded += found
-        elif not os.path.exists(path):
-            raise ConfigError(f"data.pairs: {path} does not exist (expected a .bin file or a directory of them)")
-        else:
-            expanded.append(path)
-    return expanded
+    return train_path, pair_files(pairs, option="data.pairs")
 
 
 def build_model(config: Config, num_classes: int) -> TrainingModule:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -19,3 +20,23 @@ def spec_cos() -> torch.Tensor:
 @pytest.fixture
 def spec_label() -> torch.Tensor:
     return torch.tensor([0])
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory) -> dict[str, str]:
+    """A private tiny synthetic set (16 ids × 6 images, 40-pair sets), generated once for the session; the
+    environment to hand to subprocesses that should find it."""
+    import marginface as mf
+
+    root = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "MARGINFACE_CACHE": str(root), "OMP_NUM_THREADS": "1"}
+    previous = os.environ.get("MARGINFACE_CACHE")
+    os.environ["MARGINFACE_CACHE"] = str(root)
+    try:
+        mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=40, ijb=False, seed=0, difficulty=0.6)
+    finally:
+        if previous is None:
+            os.environ.pop("MARGINFACE_CACHE")
+        else:
+            os.environ["MARGINFACE_CACHE"] = previous
+    return env

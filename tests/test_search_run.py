@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -26,23 +25,6 @@ TINY = ["data.synthetic.identities=16", "data.synthetic.images_per_id=6", "data.
         "train.batch_size=16", "data.num_workers=0", "train.eval_every=0", "train.threads=1"]
 SEARCH = ["--candidates", "2", "--epochs", "3", "--warmup-epochs", "1", "--steps-per-epoch", "3", "--sigma", "3",
           "--seed", "0", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> dict[str, str]:
-    """A private synthetic cache, generated once for the module, shared by every subprocess."""
-    root = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, "MARGINFACE_CACHE": str(root), "OMP_NUM_THREADS": "1"}
-    previous = os.environ.get("MARGINFACE_CACHE")
-    os.environ["MARGINFACE_CACHE"] = str(root)
-    try:
-        mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=40, ijb=False, seed=0, difficulty=0.6)
-    finally:
-        if previous is None:
-            os.environ.pop("MARGINFACE_CACHE")
-        else:
-            os.environ["MARGINFACE_CACHE"] = previous
-    return env
 
 
 def search_cli(env, *args, check=True, tiny=True):

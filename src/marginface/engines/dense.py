@@ -50,12 +50,7 @@ class DenseEngine:
         When a ``statistics`` dict is given it is filled with what training reports want to follow: the
         fraction of hard negatives, the mean per-sample margin and the margin's t, where the margin has them.
         """
-        dtype = torch.promote_types(compute_dtype(embeddings), weight.dtype)
-        device_type = embeddings.device.type
-        with torch.autocast(device_type=device_type, enabled=False):
-            logits, _ = self._logits(
-                margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce, statistics
-            )
+        logits, _ = self._full_precision(margin, embeddings, weight, labels, batch_reduce, statistics, False)
         return logits
 
     def loss(
@@ -68,12 +63,16 @@ class DenseEngine:
         statistics: dict[str, float] | None = None,
     ) -> Tensor:
         """Mean cross-entropy of the margin logits."""
+        logits, loss = self._full_precision(margin, embeddings, weight, labels, batch_reduce, statistics, True)
+        return loss if loss is not None else F.cross_entropy(logits, labels.long())
+
+    def _full_precision(self, margin, embeddings, weight, labels, batch_reduce, statistics, want_loss):
+        """The margin and softmax in fp32 (fp64 stays fp64), outside any autocast region."""
         dtype = torch.promote_types(compute_dtype(embeddings), weight.dtype)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            logits, loss = self._logits(
-                margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce, statistics, True
+            return self._logits(
+                margin, embeddings.to(dtype), weight.to(dtype), labels.long(), batch_reduce, statistics, want_loss
             )
-        return loss if loss is not None else F.cross_entropy(logits, labels.long())
 
     def _logits(
         self,

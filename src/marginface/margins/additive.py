@@ -56,17 +56,7 @@ class ArcFace(AngularMargin):
     the identity, as arcface_torch does (with fallback=False it reproduces arcface_torch exactly).
     """
 
-    name = "arcface"
-
-    def __init__(
-        self,
-        s: float = 64.0,
-        m: float = 0.5,
-        easy_margin: bool = False,
-        fallback: bool = True,
-        gradient: str = "exact",
-    ) -> None:
-        super().__init__(s, m, easy_margin=easy_margin, fallback=fallback, gradient=gradient)
+    name = "arcface"  # AngularMargin's constructor and target are exactly ArcFace's
 
 
 @register

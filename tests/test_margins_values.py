@@ -49,8 +49,8 @@ def test_npcface_positive_margin_from_hard_negative_mean(spec_cos, spec_label):
     margin = mf.margins.create("npcface", s=S).double()
     target = spec_cos[:, 0]
     ctx = margin.prepare(target)
-    mask = torch.tensor([[True, False, False]])
-    ctx = margin.finish(ctx, margin.row_statistics(spec_cos, mask, ctx))
+    target_index = torch.tensor([0])  # the target's column in this block
+    ctx = margin.finish(ctx, margin.row_statistics(spec_cos, target_index, ctx))
     assert ctx["margin"].item() == pytest.approx(0.4 + 0.2 * 0.5, abs=1e-12)  # m̃ = m0 + m1·mean(hard) = 0.5
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from marginface import engines, margins
-from marginface.engines.dense import BatchReduce, cosine_matrix
+from marginface.engines.base import BatchReduce
+from marginface.engines.dense import cosine_matrix
 from marginface.errors import ConfigError
 
 
@@ -22,7 +23,14 @@ class MarginHead(nn.Module):
     statistics, so CurricularFace's t is the same on every rank.
     """
 
-    def __init__(self, margin: margins.Margin, num_classes: int, embedding_size: int, engine: str = "dense"):
+    def __init__(
+        self,
+        margin: margins.Margin,
+        num_classes: int,
+        embedding_size: int,
+        engine: str | engines.Engine | None = None,
+        engine_params: dict[str, Any] | None = None,
+    ):
         super().__init__()
         check_size("num_classes", num_classes, minimum=2)
         check_size("embedding_size", embedding_size, minimum=1)
@@ -30,7 +38,7 @@ class MarginHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.normal_(self.weight, std=0.01)  # only directions matter: the centres are normalised
         self.margin = margin
-        self.engine = engines.create(engine)
+        self.engine = engines.resolve(engine, engine_params)
         self.batch_reduce: BatchReduce | None = None
         # Set record_statistics to have the next forward fill last_statistics (hard-negative fraction, mean
         # margin, t) for training reports; off by default because it costs a pass over the logits.
@@ -99,20 +107,35 @@ def available() -> list[str]:
     return ["softmax", *margins.available()]
 
 
-def create(name: str, num_classes: int, embedding_size: int, engine: str = "dense", **margin_params: Any):
-    """Create a head: the margin ``name`` with ``margin_params`` on ``num_classes`` class centres."""
+def create(
+    name: str,
+    num_classes: int,
+    embedding_size: int,
+    engine: str | engines.Engine | None = None,
+    engine_params: dict[str, Any] | None = None,
+    **margin_params: Any,
+):
+    """Create a head: the margin ``name`` with ``margin_params`` on ``num_classes`` class centres.
+
+    ``engine`` is an engine name (with ``engine_params``) or an Engine object; None picks
+    ``engines.DEFAULT_ENGINE``. The softmax baseline is a plain linear layer and takes no engine.
+    """
     if name == "softmax":
         if margin_params.keys() - {"bias"}:
             raise ConfigError(
                 f"head 'softmax' has no parameter {', '.join(sorted(margin_params.keys() - {'bias'}))}: "
                 "its only parameter is bias"
             )
-        if engine != "dense":
-            raise ConfigError(f"head 'softmax' runs only on the dense engine, got engine={engine!r}")
+        if engine not in (None, engines.AUTO, "dense") or engine_params:
+            raise ConfigError(
+                f"head 'softmax' is a plain linear layer on the dense engine: got engine={engine!r}"
+                + (f" with engine_params={engine_params!r}" if engine_params else "")
+            )
         return SoftmaxHead(num_classes, embedding_size, **margin_params)
     if name not in margins.available():
         raise ConfigError(f"unknown head {name!r}: expected one of {', '.join(available())}")
-    return MarginHead(margins.create(name, **margin_params), num_classes, embedding_size, engine=engine)
+    margin = margins.create(name, **margin_params)
+    return MarginHead(margin, num_classes, embedding_size, engine=engine, engine_params=engine_params)
 
 
 def check_size(name: str, value: Any, minimum: int) -> int:

@@ -1,17 +1,26 @@
-"""The margin contract: a margin turns cosines into scaled logits through its T (target), N (negatives) and state.
+"""The margin contract: a margin turns cosines into scaled logits through its T (target), N (negatives), G and state.
 
-Every engine (dense, chunked, sharded) drives a margin through the same five steps, so a margin written once
-runs everywhere:
+Every engine (dense, chunked, later sharded) drives a margin through the same steps, so a margin written once
+runs everywhere; ``engines.base.margin_loss`` is that sequence, shared by every engine:
 
-1. ``batch_statistics(target_cos)`` -> sums over the batch; the engine all-reduces them across data-parallel
-   ranks, then ``update_state(stats)`` moves the margin's state (CurricularFace's t) in training mode only.
-2. ``prepare(target_cos, norms)`` -> a per-row context (the mask threshold, ...) that needs only the target.
-3. ``row_statistics(cos_block, target_mask, ctx)`` -> per-row reductions over one block of classes, combined
-   across blocks and shards with the reduction named in ``row_reductions`` ("sum", "max" or "logsumexp").
-4. ``finish(ctx, row_stats)`` -> completes the context with the unscaled target logit ``ctx["target"]`` = T(c_y).
-5. ``negative_logits(cos_block, ctx)`` -> the unscaled N for a block (target columns are overwritten after).
+1. ``batch_statistics(target_cos, norms)`` -> sums over the batch (detached); the engine all-reduces them across
+   ranks, then ``update_state(stats)`` moves the margin's state (CurricularFace's t) once per step, in training
+   mode only (or always, where ``update_in_eval`` is set).
+2. ``prepare(target_cos, norms)`` -> the row context N may use (the hard-negative threshold, ...). It sees the
+   *detached* target cosine: everything N reads from the context is a constant of the step.
+3. One pass over the classes, block by block (any blocking, any order):
+   ``row_statistics(cos_block, target_index, ctx)`` -> per-row reductions without gradient, combined across
+   blocks and shards with the reduction named in ``row_reductions`` ("sum", "max" or "logsumexp");
+   ``negatives_with_slope(cos_block, ctx)`` -> N and dN/dc for the block (the engine's backward);
+   and the engine's own ``negatives_lse`` = log Σ_{j≠y} e^{scale·N(c_j)}, which *does* carry gradient.
+4. ``finish(ctx, row_stats)`` -> the unscaled target logit ``ctx["target"]`` = T(c_y); ``row_stats`` holds the
+   margin's reductions and ``"negatives_lse"``, so a margin may define its target from the partition function
+   (AM-LFS) and the gradient flows through it on every engine.
+5. ``row_loss(target_logit, negatives_lse, ctx)`` -> the per-sample loss, −G·log(e^{z_y} / (e^{z_y} + e^{L})):
+   plain cross-entropy unless a margin re-weights samples (G) or defines its loss otherwise.
 
-``forward(cos, labels)`` is the dense reference composition of those steps on a full row.
+``forward(cos, labels)`` is the dense reference composition of those steps on a full row; it returns logits
+(T and N, scaled), and ``reference_loss`` adds step 5.
 """
 
 from __future__ import annotations
@@ -80,22 +89,25 @@ def straight_through(cos: Tensor, value: Tensor) -> Tensor:
 
 
 class Margin(nn.Module):
-    """Base class of every margin: T, N, state and per-row statistics, in the unified form."""
+    """Base class of every margin: T, N, G, state and per-row statistics, in the unified form."""
 
     name: ClassVar[str] = ""
-    # True when N(c) = c for every negative: engines then skip materialising N and only replace the targets.
+    # True when N(c) = c for every negative: engines then skip N and only replace the targets.
     identity_negatives: ClassVar[bool] = True
     needs_norms: ClassVar[bool] = False
     row_reductions: ClassVar[Mapping[str, str]] = {}
     # The attribute that plays "t" in the hard-negative modulation (for plots); None when there is none.
     t_attribute: ClassVar[str | None] = None
+    # Stateful margins whose reference code also moves the state in eval mode set this (CurricularFace).
+    update_in_eval: bool = False
 
     def __init__(self, s: float = 64.0) -> None:
         super().__init__()
         self.s = check_positive("s", s)
 
-    # -- the five steps ---------------------------------------------------------------------------------
-    def batch_statistics(self, target_cos: Tensor) -> dict[str, Tensor]:
+    # -- the steps --------------------------------------------------------------------------------------
+    def batch_statistics(self, target_cos: Tensor, norms: Tensor | None = None) -> dict[str, Tensor]:
+        """Sums over the batch (detached inputs) that ``update_state`` needs; all-reduced across ranks."""
         return {}
 
     def update_state(self, stats: Mapping[str, Tensor]) -> None:
@@ -104,7 +116,11 @@ class Margin(nn.Module):
     def prepare(self, target_cos: Tensor, norms: Tensor | None = None) -> RowContext:
         return {"target_cos": target_cos}
 
-    def row_statistics(self, cos: Tensor, target_mask: Tensor, ctx: RowContext) -> dict[str, Tensor]:
+    def row_statistics(self, cos: Tensor, target_index: Tensor, ctx: RowContext) -> dict[str, Tensor]:
+        """Per-row reductions over one block of classes, without gradient.
+
+        ``target_index`` [B] is the column of each row's target inside this block, −1 where it lies elsewhere.
+        """
         return {}
 
     def finish(self, ctx: RowContext, row_stats: Mapping[str, Tensor]) -> RowContext:
@@ -117,13 +133,43 @@ class Margin(nn.Module):
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         return cos
 
+    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor | float]:
+        """N(c) and dN/dc for a block (no graph): the engines' backward is one multiply by the slope.
+
+        The identity has slope 1; this default differentiates ``negative_logits`` elementwise, and the mining
+        margins override it with their closed form (tested equal to this autograd slope).
+        """
+        if self.identity_negatives:
+            return cos, 1.0
+        with torch.enable_grad():
+            leaf = cos.detach().requires_grad_(True)
+            values = self.negative_logits(leaf, ctx)
+            (slope,) = torch.autograd.grad(values.sum(), leaf)
+        return values.detach(), slope
+
     def row_scale(self, norms: Tensor | None) -> float | Tensor:
         """The logit scale: s, or a per-row [B, 1] tensor for margins whose scale is the feature norm."""
         return self.s
 
+    def row_loss(self, target_logit: Tensor, negatives_lse: Tensor, ctx: RowContext) -> Tensor:
+        """Per-sample loss from the scaled target logit and log Σ_{j≠y} e^{scale·N_j} (G = 1: cross-entropy)."""
+        return torch.logaddexp(target_logit, negatives_lse) - target_logit
+
     # -- dense reference --------------------------------------------------------------------------------
     def forward(self, cos: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
         """Scaled logits [B, C] from cosines [B, C] and labels [B] (the dense reference of every engine)."""
+        logits, _ = self.reference(cos, labels, norms)
+        return logits
+
+    def reference_loss(self, cos: Tensor, labels: Tensor, norms: Tensor | None = None) -> Tensor:
+        """The mean loss of the unified form on a full cosine matrix: the reference every engine equals."""
+        _, loss = self.reference(cos, labels, norms)
+        return loss
+
+    def reference(
+        self, cos: Tensor, labels: Tensor, norms: Tensor | None = None, update_state: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """(logits [B, C], mean loss) on a full cosine matrix; ``update_state=False`` when the caller did it."""
         cos = check_cos_labels(cos, labels).to(compute_dtype(cos))
         if norms is not None:
             norms = norms.to(cos.dtype).reshape(-1)
@@ -133,14 +179,21 @@ class Margin(nn.Module):
             )
         labels = labels.long()
         target_cos = cos.gather(1, labels[:, None]).squeeze(1)
-        if self.training or getattr(self, "update_in_eval", False):
-            self.update_state(self.batch_statistics(target_cos.detach()))
+        if update_state and (self.training or self.update_in_eval):
+            self.update_state(self.batch_statistics(target_cos.detach(), None if norms is None else norms.detach()))
         target_mask = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, labels[:, None], True)
-        ctx = self.prepare(target_cos, norms)
-        ctx = self.finish(ctx, self.row_statistics(cos, target_mask, ctx))
+        ctx = self.prepare(target_cos.detach(), norms)
+        ctx["target_cos"] = target_cos
+        with torch.no_grad():
+            row_stats = self.row_statistics(cos, labels, ctx)
         negatives = cos if self.identity_negatives else self.negative_logits(cos, ctx)
-        logits = torch.where(target_mask, ctx["target"][:, None], negatives)
-        return logits * self.row_scale(norms)
+        scale = self.row_scale(norms)
+        negatives_lse = (negatives * scale).masked_fill(target_mask, float("-inf")).logsumexp(dim=1)
+        ctx = self.finish(ctx, {**row_stats, "negatives_lse": negatives_lse})
+        target_scale = scale[:, 0] if isinstance(scale, Tensor) else scale
+        loss = self.row_loss(ctx["target"] * target_scale, negatives_lse, ctx).mean()
+        logits = torch.where(target_mask, ctx["target"][:, None], negatives) * scale
+        return logits, loss
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
@@ -155,18 +208,19 @@ class Margin(nn.Module):
         return {name: _plain(getattr(self, name)) for name in params if name != "self"}
 
 
-_REDUCERS = {
-    "sum": lambda stacked: stacked.sum(0),
-    "max": lambda stacked: stacked.amax(0),
-    "logsumexp": lambda stacked: stacked.logsumexp(0),
-}
+# How two partial row statistics combine (blocks of one pass, or shards across ranks).
+PAIRWISE_REDUCERS = {"sum": torch.add, "max": torch.maximum, "logsumexp": torch.logaddexp}
 
 
 def combine_row_statistics(
     parts: list[Mapping[str, Tensor]], reductions: Mapping[str, str]
 ) -> dict[str, Tensor]:
     """Combine the per-block row statistics of a margin with the reduction each one declares."""
-    return {key: _REDUCERS[kind](torch.stack([part[key] for part in parts])) for key, kind in reductions.items()}
+    combined: dict[str, Tensor] = {}
+    for part in parts:
+        for key, kind in reductions.items():
+            combined[key] = part[key] if key not in combined else PAIRWISE_REDUCERS[kind](combined[key], part[key])
+    return combined
 
 
 def _plain(value: Any) -> Any:

@@ -104,6 +104,11 @@ class ArcNegFace(AngularMargin):
         self.alpha = check_positive("alpha", alpha)
         self.sigma = check_positive("sigma", sigma)
 
+    def prepare(self, target_cos: Tensor, norms: Tensor | None = None) -> RowContext:
+        # The re-weighting is centred on the (detached) target logit T, which needs only the target cosine.
+        center = arc_target(target_cos.detach(), self.m, easy_margin=self.easy_margin, fallback=self.fallback)
+        return {"target_cos": target_cos, "reweight_center": center}
+
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         with torch.no_grad():
             weight = self.reweighting(cos, ctx)
@@ -111,7 +116,7 @@ class ArcNegFace(AngularMargin):
 
     def reweighting(self, cos: Tensor, ctx: RowContext) -> Tensor:
         """w = α·exp(−(c − T)²/σ), treated as a constant (detached) as in the reference."""
-        return torch.exp(-((cos - ctx["target"].detach()[:, None]) ** 2) / self.sigma).mul_(self.alpha)
+        return torch.exp(-((cos - ctx["reweight_center"][:, None]) ** 2) / self.sigma).mul_(self.alpha)
 
     def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
         weight = self.reweighting(cos, ctx)
@@ -149,7 +154,7 @@ class CurricularFace(AngularMargin):
     def curricular_t(self) -> float:
         return float(self.t)
 
-    def batch_statistics(self, target_cos: Tensor) -> dict[str, Tensor]:
+    def batch_statistics(self, target_cos: Tensor, norms: Tensor | None = None) -> dict[str, Tensor]:
         return {"target_cos_sum": target_cos.detach().sum(), "count": torch.tensor(float(target_cos.numel()))}
 
     def update_state(self, stats: Mapping[str, Tensor]) -> None:
@@ -208,13 +213,13 @@ class NPCFace(Margin):
     def prepare(self, target_cos: Tensor, norms: Tensor | None = None) -> RowContext:
         return {"target_cos": target_cos, "threshold": cos_plus_margin(target_cos, self.mask_margin).detach()}
 
-    def row_statistics(self, cos: Tensor, target_mask: Tensor, ctx: RowContext) -> dict[str, Tensor]:
+    def row_statistics(self, cos: Tensor, target_index: Tensor, ctx: RowContext) -> dict[str, Tensor]:
         with torch.no_grad():
             hard = hard_mask(cos, ctx)
             hard_sum = torch.where(hard, cos, 0.0).sum(1)
             hard_count = hard.sum(1, dtype=cos.dtype)
             # The target column is excluded per row (B values) rather than by masking the whole [B, C] block.
-            target_in_block = target_mask.any(1)
+            target_in_block = target_index >= 0
             target_cos = ctx["target_cos"]
             target_is_hard = target_in_block & (target_cos > ctx["threshold"])
             hard_sum = hard_sum - torch.where(target_is_hard, target_cos.detach(), 0.0)

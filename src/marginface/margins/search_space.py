@@ -28,15 +28,6 @@ def check_modulating_factor(name: str, value: float) -> float:
     return value
 
 
-def negatives_logsumexp(scaled_cos: Tensor, target_mask: Tensor) -> Tensor:
-    """log Σ_{j≠y} e^{s·c_j} over a block (−inf for a block without negatives).
-
-    ``scaled_cos`` must be a fresh tensor (e.g. ``cos * s``): the target is masked in place, which saves a
-    [B, C] copy; subtracting the target afterwards instead would lose all precision when p_y → 1.
-    """
-    return scaled_cos.masked_fill_(target_mask, float("-inf")).logsumexp(dim=1)
-
-
 def bin_index(values: Tensor, low: float, high: float, bins: int) -> Tensor:
     """Index of the equal-width bin of [low, high] holding each value (the end points fall in the end bins)."""
     position = (values.detach() - low) / (high - low) * bins
@@ -74,7 +65,6 @@ class LFSLocal(Margin):
     """
 
     name = "lfs_local"
-    row_reductions = {"neg_lse": "logsumexp"}
 
     def __init__(self, s: float = 32.0, a_bins: Sequence[float] | None = None) -> None:
         super().__init__(s)
@@ -86,14 +76,11 @@ class LFSLocal(Margin):
         # log(1 − a) per bin, in float64 so that huge |a| keep their precision.
         self.register_buffer("a_bins", torch.tensor(values, dtype=torch.float64))
 
-    def row_statistics(self, cos: Tensor, target_mask: Tensor, ctx: RowContext) -> dict[str, Tensor]:
-        with torch.no_grad():  # only chooses the bin: piecewise constant, no gradient to carry
-            return {"neg_lse": negatives_logsumexp(cos * self.s, target_mask)}
-
     def finish(self, ctx: RowContext, row_stats: Mapping[str, Tensor]) -> RowContext:
         target_cos = ctx["target_cos"]
         plain = target_cos.detach() * self.s
-        p = torch.exp(plain - torch.logaddexp(plain, row_stats["neg_lse"]))
+        # The engine's log Σ_{j≠y} e^{s·c_j}; detached: it only chooses the bin, which is piecewise constant.
+        p = torch.exp(plain - torch.logaddexp(plain, row_stats["negatives_lse"].detach()))
         shift = torch.log1p(-self.a_bins)[bin_index(p, 0.0, 1.0, len(self.a_bins))].to(target_cos.dtype)
         ctx["target"] = target_cos - shift / self.s
         return ctx
@@ -110,7 +97,6 @@ class AMLFS(Margin):
     """
 
     name = "am_lfs"
-    row_reductions = {"neg_lse": "logsumexp"}
 
     def __init__(
         self,
@@ -122,15 +108,12 @@ class AMLFS(Margin):
         self.register_buffer("t_params", piecewise_table("t_params", t_params))
         self.register_buffer("tau_params", piecewise_table("tau_params", tau_params))
 
-    def row_statistics(self, cos: Tensor, target_mask: Tensor, ctx: RowContext) -> dict[str, Tensor]:
-        return {"neg_lse": negatives_logsumexp(cos * self.s, target_mask)}
-
     def finish(self, ctx: RowContext, row_stats: Mapping[str, Tensor]) -> RowContext:
         target_cos = ctx["target_cos"]
         t_table = self.t_params.to(target_cos.dtype)
         piece = t_table[bin_index(target_cos, -1.0, 1.0, len(t_table))]
         z_t = self.s * (piece[:, 0] * target_cos + piece[:, 1])
-        neg_lse = row_stats["neg_lse"]
+        neg_lse = row_stats["negatives_lse"]  # the engine's log Σ_{j≠y} e^{s·c_j}, with its gradient
         log_total = torch.logaddexp(z_t, neg_lse)
         p, q = torch.exp(z_t - log_total), torch.exp(neg_lse - log_total)  # q = 1 − p without cancellation
         tau_table = self.tau_params.to(target_cos.dtype)

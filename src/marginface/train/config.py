@@ -51,7 +51,8 @@ class ModelConfig:
 class HeadConfig:
     margin: str = "curricularface"
     params: dict[str, Any] = field(default_factory=lambda: {"s": 30.0, "m": 0.3})
-    engine: str = "dense"
+    engine: str = "auto"  # auto: engines.DEFAULT_ENGINE for margin heads (softmax is its own linear layer)
+    engine_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -259,11 +260,24 @@ def validate(config: Config) -> None:
     if config.schedule.milestones != sorted(config.schedule.milestones):
         raise ConfigError(f"schedule.milestones={config.schedule.milestones} is invalid: expected increasing epochs")
     # The margin and model names and parameters are checked by their own registries (same error style).
-    from marginface import heads, models
+    from marginface import engines, heads, models
 
     if config.head.margin not in heads.available():
         raise ConfigError(
             f"head.margin={config.head.margin!r} is invalid: expected one of {', '.join(heads.available())}"
+        )
+    if config.head.engine not in (engines.AUTO, *engines.available()):
+        raise ConfigError(
+            f"head.engine={config.head.engine!r} is invalid: expected one of "
+            f"{', '.join([engines.AUTO, *engines.available()])}"
+        )
+    engine_name = engines.DEFAULT_ENGINE if config.head.engine == engines.AUTO else config.head.engine
+    unknown = sorted(config.head.engine_params.keys() - set(engines.option_names(engine_name)))
+    if unknown:
+        valid = ", ".join(engines.option_names(engine_name)) or "none"
+        raise ConfigError(
+            f"head.engine_params has {', '.join(unknown)}, which engine {engine_name!r} does not take: "
+            f"its options are {valid}"
         )
     if config.model.name not in models.available():
         raise ConfigError(

@@ -94,7 +94,7 @@ def build_model(config: Config, num_classes: int) -> TrainingModule:
     backbone = models.create(config.model.name, embedding_size=config.model.embedding_size, **model_kwargs)
     head = heads.create(
         config.head.margin, num_classes=num_classes, embedding_size=config.model.embedding_size,
-        engine=config.head.engine, **config.head.params,
+        engine=config.head.engine, engine_params=config.head.engine_params, **config.head.params,
     )
     return TrainingModule(backbone, head)
 

@@ -1,0 +1,195 @@
+"""The engine contract and the margin-loss sequence every engine shares; engines differ only in their class pass.
+
+An engine turns (embeddings, class centres, labels) into the mean loss of a margin. Everything except the pass
+over the classes is the same for every engine and lives here (``margin_loss``): full precision, the state update
+(once per step, from the batch's target cosines), the margin's row context, its target logit and its row loss.
+The pass (``Engine.class_pass``) computes, for every row, the differentiable target cosine and
+log Σ_{j≠y} e^{scale·N(c_j)}, and the margin's row statistics — by materialising [B, C] (dense) or streaming
+blocks of classes (chunked).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from marginface.errors import ConfigError
+from marginface.margins.base import Margin, RowContext, compute_dtype
+
+BatchReduce = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]
+
+NORM_EPS = 1e-12
+
+
+def inverse_norms(weight: Tensor) -> Tensor:
+    """1/‖w_c‖ per class centre: folded into the product instead of normalising a [C, D] copy."""
+    # vector_norm is one fused reduction whose backward is a single pass over W (pow + sum would be three)
+    return torch.linalg.vector_norm(weight, dim=1).clamp_min(NORM_EPS).reciprocal()
+
+
+def target_cosines(x_hat: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """cos θ_y per row by an indexed B·D dot product (no [B, C] work)."""
+    rows = weight[labels]
+    return (x_hat * rows).sum(1) * inverse_norms(rows)
+
+
+@dataclass
+class ClassPass:
+    """What a class pass returns: per-row tensors, the first two differentiable."""
+
+    target_cos: Tensor  # cos θ_y [B], carrying the gradient to x̂ and w_y
+    negatives_lse: Tensor  # log Σ_{j≠y} e^{scale·N(c_j)} [B], carrying the gradient to x̂, W (and the scale)
+    row_stats: dict[str, Tensor]  # the margin's row_reductions, combined over every class (no gradient)
+    hard_count: Tensor | None  # negatives above ctx["threshold"] per row, when statistics were asked for
+
+
+class Engine:
+    """Base of every engine: options (validated from the constructor's signature) and the margin-loss sequence."""
+
+    name: ClassVar[str] = ""
+
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments that recreate this engine (for configs and reports)."""
+        params = inspect.signature(type(self).__init__).parameters
+        return {name: getattr(self, name) for name in params if name != "self"}
+
+    def loss(
+        self,
+        margin: Margin,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        batch_reduce: BatchReduce | None = None,
+        statistics: dict[str, float] | None = None,
+    ) -> Tensor:
+        """The mean loss of ``margin`` over the batch (fp32 or fp64 whatever the input precision).
+
+        When a ``statistics`` dict is given it is filled with what training reports follow: the fraction of hard
+        negatives, the mean per-sample margin and the margin's t, where the margin has them.
+        """
+        return margin_loss(self, margin, embeddings, weight, labels, batch_reduce, statistics)
+
+    def logits(
+        self,
+        margin: Margin,
+        embeddings: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        batch_reduce: BatchReduce | None = None,
+    ) -> Tensor:
+        """Scaled margin logits [B, C]: materialised by definition, so every engine computes them densely."""
+        dtype = full_precision(embeddings, weight)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            embeddings, weight = embeddings.to(dtype), weight.to(dtype)
+            x_hat = F.normalize(embeddings, dim=1, eps=NORM_EPS)
+            norms = embeddings.norm(dim=1) if margin.needs_norms else None
+            cos = (x_hat @ weight.t()) * inverse_norms(weight)
+            labels = labels.long()
+            update_margin_state(margin, cos.gather(1, labels[:, None])[:, 0], norms, batch_reduce)
+            logits, _ = margin.reference(cos, labels, norms=norms, update_state=False)
+            return logits
+
+    def class_pass(
+        self,
+        margin: Margin,
+        x_hat: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        ctx: RowContext,
+        scale: float | Tensor,
+        count_hard: bool,
+    ) -> ClassPass:
+        raise NotImplementedError
+
+
+def full_precision(embeddings: Tensor, weight: Tensor) -> torch.dtype:
+    """The margin and softmax run in fp32 (fp64 stays fp64) whatever the backbone's precision."""
+    return torch.promote_types(compute_dtype(embeddings), weight.dtype)
+
+
+def update_margin_state(
+    margin: Margin, target_cos: Tensor, norms: Tensor | None, batch_reduce: BatchReduce | None
+) -> None:
+    """The one state update of every engine: once per step, from the (all-reduced) batch statistics."""
+    if not (margin.training or margin.update_in_eval):
+        return
+    stats = margin.batch_statistics(target_cos.detach(), None if norms is None else norms.detach())
+    if stats and batch_reduce is not None:
+        stats = batch_reduce(stats)
+    margin.update_state(stats)
+
+
+def margin_loss(
+    engine: Engine,
+    margin: Margin,
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    batch_reduce: BatchReduce | None,
+    statistics: dict[str, float] | None,
+) -> Tensor:
+    """The sequence of margins/base.py, with the engine's class pass in the middle."""
+    dtype = full_precision(embeddings, weight)
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        embeddings, weight, labels = embeddings.to(dtype), weight.to(dtype), labels.long()
+        x_hat = F.normalize(embeddings, dim=1, eps=NORM_EPS)
+        norms = embeddings.norm(dim=1) if margin.needs_norms else None
+        with torch.no_grad():
+            detached_target = target_cosines(x_hat, weight, labels)
+        update_margin_state(margin, detached_target, norms, batch_reduce)
+        ctx = margin.prepare(detached_target, norms)
+        scale = margin.row_scale(norms)
+        if isinstance(scale, Tensor):
+            scale = scale.reshape(-1)
+        result = engine.class_pass(margin, x_hat, weight, labels, ctx, scale, statistics is not None)
+        ctx["target_cos"] = result.target_cos
+        ctx = margin.finish(ctx, {**result.row_stats, "negatives_lse": result.negatives_lse})
+        loss = margin.row_loss(ctx["target"] * scale, result.negatives_lse, ctx).mean()
+        if statistics is not None:
+            record_statistics(statistics, margin, ctx, result.hard_count, weight.shape[0] - 1)
+        return loss
+
+
+def record_statistics(
+    statistics: dict[str, float], margin: Margin, ctx: RowContext, hard_count: Tensor | None, negatives: int
+) -> None:
+    """Fill ``statistics`` with the hard-negative fraction, the mean margin and t, where the margin has them."""
+    with torch.no_grad():
+        statistics["target_cos"] = float(ctx["target_cos"].mean())
+        if hard_count is not None and "threshold" in ctx:
+            statistics["hard_fraction"] = float(hard_count.sum()) / max(1, hard_count.numel() * negatives)
+        if "margin" in ctx:
+            statistics["margin_mean"] = float(ctx["margin"].mean())
+        t = getattr(margin, "t", None)
+        if isinstance(t, Tensor):
+            statistics["t"] = float(t.mean())
+
+
+def count_hard(cos: Tensor, ctx: RowContext, target_index: Tensor) -> Tensor | None:
+    """Negatives of a block above the row's threshold (the target column excluded), or None without one."""
+    if "threshold" not in ctx:
+        return None
+    threshold = ctx["threshold"]
+    count = (cos > threshold[:, None]).sum(1)
+    target_is_hard = (target_index >= 0) & (ctx["target_cos"] > threshold)
+    return count - target_is_hard.long()
+
+
+def check_int_option(engine: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(
+            f"engine {engine!r}: option {name}={value!r} is invalid: expected an integer >= {minimum}"
+        )
+    return value
+
+
+def check_number_option(engine: str, name: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
+        raise ConfigError(f"engine {engine!r}: option {name}={value!r} is invalid: expected a number >= {minimum}")
+    return float(value)

@@ -1,0 +1,208 @@
+"""The chunked engine: streams the classes in blocks, so no [B, C] matrix and no normalised copy of W ever exists.
+
+Memory: W's gradient [C, D] (which any engine writes) plus a few [B, chunk_size] blocks; optionally one kept
+[B, C] tensor (``keep_mb``) that saves the backward its recomputing GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from marginface.engines.base import (
+    ClassPass,
+    Engine,
+    check_int_option,
+    check_number_option,
+    count_hard,
+    inverse_norms,
+    target_cosines,
+)
+from marginface.margins.base import PAIRWISE_REDUCERS, Margin, RowContext
+
+# Measured on 2 CPU threads at the demo's and the papers' sizes (docs/benchmarks.md): large enough that each
+# block's GEMM runs at full speed, small enough that a block's temporaries stay in cache-sized pieces.
+DEFAULT_CHUNK_SIZE = 8192
+# Keeping exp(z − m_b)·dN/dc for the backward saves one GEMM in four; up to this size it is worth the memory.
+DEFAULT_KEEP_MB = 256.0
+
+
+class ChunkedEngine(Engine):
+    """Streams ``chunk_size`` classes at a time through one autograd Function (``ChunkedClassPass``).
+
+    ``keep_mb``: when the batch's [B, C] block products fit in this many MiB they are kept from the forward
+    (3 GEMMs in all); otherwise the backward recomputes them (4 GEMMs). 0 always recomputes.
+    """
+
+    name = "chunked"
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, keep_mb: float = DEFAULT_KEEP_MB) -> None:
+        super().__init__()
+        self.chunk_size = check_int_option(self.name, "chunk_size", chunk_size, minimum=1)
+        self.keep_mb = check_number_option(self.name, "keep_mb", keep_mb, minimum=0.0)
+
+    def class_pass(
+        self,
+        margin: Margin,
+        x_hat: Tensor,
+        weight: Tensor,
+        labels: Tensor,
+        ctx: RowContext,
+        scale: float | Tensor,
+        count_hard_negatives: bool,
+    ) -> ClassPass:
+        keys = tuple(margin.row_reductions)
+        scale_tensor = scale if isinstance(scale, Tensor) else None
+        scale_value = None if isinstance(scale, Tensor) else float(scale)
+        inputs = (x_hat, weight) if scale_tensor is None else (x_hat, weight, scale_tensor)
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+        keep = needs_grad and x_hat.shape[0] * weight.shape[0] * x_hat.element_size() <= self.keep_mb * 2**20
+        target_cos, negatives_lse, hard, *stats = ChunkedClassPass.apply(
+            x_hat, weight, scale_tensor, labels, margin, ctx, scale_value,
+            self.chunk_size, keep, needs_grad, count_hard_negatives,
+        )  # fmt: skip
+        return ClassPass(target_cos, negatives_lse, dict(zip(keys, stats)), hard if count_hard_negatives and "threshold" in ctx else None)
+
+
+def block_target_index(labels: Tensor, start: int, stop: int) -> Tensor:
+    """Each row's target column inside classes [start, stop), −1 where the target lies elsewhere."""
+    inside = (labels >= start) & (labels < stop)
+    return torch.where(inside, labels - start, -1)
+
+
+def mask_targets(z: Tensor, target_index: Tensor, value: float | Tensor) -> None:
+    """z[i, target_index[i]] = value for the rows whose target lies in this block (in place)."""
+    rows = (target_index >= 0).nonzero().squeeze(1)
+    if rows.numel():
+        z[rows, target_index[rows]] = value if isinstance(value, float) else value[rows]
+
+
+class ChunkedClassPass(torch.autograd.Function):
+    r"""The class pass in blocks W_b of ``chunk_size`` centres; its outputs are those of ``engines.base.ClassPass``.
+
+    Forward, per block b with inv_b = 1/‖w_c‖ (a per-column scale, W is never normalised):
+
+        c = (x̂ W_bᵀ)·inv_b,   z = s_i·N(c)  (target column −inf),   m_b = max_j z,   e = exp(z − m_b)
+        L ← logaddexp(L, m_b + log Σ_j e)          (online log-sum-exp: L = log Σ_{j≠y} e^{s·N(c_j)})
+
+    plus the margin's row statistics (combined with their declared reductions) and the hard-negative count.
+    cos θ_y is an indexed dot product (B·D). With q = exp(z − L) = e·exp(m_b − L) (the softmax over the
+    negatives) and upstream gradients g_L (of L) and g_y (of cos θ_y), the gradient of the block's cosines is
+
+        G = g_L·s·q·N'(c)  and  G[i, y_i] = g_y,i      (q is 0 at the target; N' is the margin's slope)
+
+    and since c_ij = x̂_i·w_j·inv_j, with Gs = G·inv_b and U = Gsᵀ x̂:
+
+        dx̂ += Gs W_b,    dW_b = U − ((U ⊙ W_b)·1)·inv_b² ⊙ W_b,    ds_i = Σ_j q_ij N_ij
+
+    so the target's gradient rides on the same two GEMMs and dW is written once, block by block. The backward
+    recomputes e from the saved m_b and L (4 GEMMs in all) unless the forward kept e·N' within the byte budget
+    (3 GEMMs). NaN and ±inf propagate into L (the trainer's guard sees a non-finite loss).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_hat: Tensor,
+        weight: Tensor,
+        scale_tensor: Tensor | None,
+        labels: Tensor,
+        margin: Margin,
+        row_ctx: RowContext,
+        scale_value: float | None,
+        chunk_size: int,
+        keep: bool,
+        needs_grad: bool,
+        count_hard_negatives: bool,
+    ):
+        batch, classes = x_hat.shape[0], weight.shape[0]
+        row_scale = scale_tensor[:, None] if scale_tensor is not None else scale_value
+        # the plain path (ArcFace, CosFace, ...) scales the product once in place and does nothing else per block
+        plain = margin.identity_negatives and not margin.row_reductions and scale_tensor is None
+        count_hard_negatives = count_hard_negatives and "threshold" in row_ctx
+        plain = plain and not count_hard_negatives
+        target_cos = target_cosines(x_hat, weight, labels)
+        lse = x_hat.new_full((batch,), float("-inf"))
+        stats: dict[str, Tensor] = {}
+        hard = x_hat.new_zeros(batch, dtype=torch.long)
+        block_max, block_dot, kept = [], [], []
+        for start in range(0, classes, chunk_size):
+            stop = min(start + chunk_size, classes)
+            inv = inverse_norms(weight[start:stop])
+            target_index = block_target_index(labels, start, stop)
+            product = x_hat @ weight[start:stop].t()
+            if plain:
+                z, values, slope = product.mul_(inv * scale_value), None, 1.0
+            else:
+                cos = product.mul_(inv)
+                for key, part in margin.row_statistics(cos, target_index, row_ctx).items():
+                    combine = PAIRWISE_REDUCERS[margin.row_reductions[key]]
+                    stats[key] = part if key not in stats else combine(stats[key], part)
+                if count_hard_negatives:
+                    hard += count_hard(cos, row_ctx, target_index)
+                values, slope = margin.negatives_with_slope(cos, row_ctx)
+                z = values * row_scale
+            mask_targets(z, target_index, float("-inf"))
+            shift = finite_shift(z.amax(dim=1))
+            e = z.sub_(shift[:, None]).exp_()
+            lse = torch.logaddexp(lse, shift + e.sum(1).log())
+            block_max.append(shift)
+            if scale_tensor is not None and needs_grad:
+                block_dot.append((e * values).sum(1))
+            if keep:
+                kept.append(e.mul_(slope) if isinstance(slope, Tensor) else e)
+        outputs = [target_cos, lse, hard, *(stats[key] for key in margin.row_reductions)]
+        ctx.mark_non_differentiable(*outputs[2:])
+        if needs_grad:
+            block_max = torch.stack(block_max, 1)
+            # ds_i = Σ_j q_ij N_ij, from each block's Σ_j e_ij N_ij and its shift once L is final
+            scale_dot = (torch.stack(block_dot, 1) * torch.exp(block_max - lse[:, None])).sum(1) if block_dot else None
+            ctx.save_for_backward(x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot)
+            ctx.kept, ctx.margin, ctx.row_ctx = kept, margin, row_ctx
+            ctx.scale_value, ctx.chunk_size, ctx.plain = scale_value, chunk_size, plain
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_target: Tensor | None, grad_lse: Tensor | None, *unused):
+        x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot = ctx.saved_tensors
+        margin, row_ctx, kept = ctx.margin, ctx.row_ctx, ctx.kept
+        row_scale = scale_tensor[:, None] if scale_tensor is not None else ctx.scale_value
+        grad_x = torch.zeros_like(x_hat)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        # g_L·s·exp(m_b − L) per block turns e into the gradient; m_b <= L, so it never overflows
+        coefficients = (grad_lse * (scale_tensor if scale_tensor is not None else ctx.scale_value))[:, None]
+        coefficients = coefficients * torch.exp(block_max - lse[:, None])
+        for b, start in enumerate(range(0, weight.shape[0], ctx.chunk_size)):
+            stop = min(start + ctx.chunk_size, weight.shape[0])
+            block = weight[start:stop]
+            inv = inverse_norms(block)
+            target_index = block_target_index(labels, start, stop)
+            if kept:
+                grad_cos = kept[b] * coefficients[:, b : b + 1]
+            else:
+                product = x_hat @ block.t()
+                if ctx.plain:
+                    z, slope = product.mul_(inv * ctx.scale_value), 1.0
+                else:
+                    values, slope = margin.negatives_with_slope(product.mul_(inv), row_ctx)
+                    z = values * row_scale
+                mask_targets(z, target_index, float("-inf"))
+                grad_cos = z.sub_(block_max[:, b : b + 1]).exp_().mul_(coefficients[:, b : b + 1])
+                if isinstance(slope, Tensor):
+                    grad_cos.mul_(slope)
+            if grad_target is not None:
+                mask_targets(grad_cos, target_index, grad_target)
+            grad_cos.mul_(inv)
+            grad_x.addmm_(grad_cos, block)
+            if grad_w is not None:
+                u = grad_cos.t() @ x_hat
+                grad_w[start:stop] = u.sub_(((u * block).sum(1) * inv * inv)[:, None] * block)
+        grad_scale = grad_lse * scale_dot if scale_dot is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_scale, None, None, None, None, None, None, None, None
+
+
+def finite_shift(top: Tensor) -> Tensor:
+    """A block's max logit, 0 where it is −inf (a block holding only the target): exp(−inf − 0) = 0, not NaN."""
+    return torch.where(top == float("-inf"), torch.zeros_like(top), top)

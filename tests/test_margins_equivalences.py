@@ -195,10 +195,12 @@ def test_margins_work_on_a_block_of_classes():
             inside = (labels >= b.start) & (labels < b.stop)
             partial.append(margin.row_statistics(cos[:, b], torch.where(inside, labels - b.start, -1), ctx))
         scale = margin.row_scale(norms)
-        negatives = [cos[:, b] if margin.identity_negatives else margin.negative_logits(cos[:, b], ctx) for b in blocks]
-        lse = [(n * scale).masked_fill(onehot[:, b], float("-inf")).logsumexp(1) for n, b in zip(negatives, blocks)]
+        negatives = [cos[:, b] if margin.identity_negatives else margin.negative_logits(cos[:, b], ctx)
+                     for b in blocks]
+        lse = [(n * scale).masked_fill(onehot[:, b], float("-inf")).logsumexp(1) for n, b in zip(negatives, blocks, strict=True)]
         stats = combine_row_statistics(partial, margin.row_reductions)
         stats["negatives_lse"] = combine_row_statistics([{"l": v} for v in lse], {"l": "logsumexp"})["l"]
         ctx = margin.finish(ctx, stats)
-        pieces = [torch.where(onehot[:, b], ctx["target"][:, None], n) * scale for n, b in zip(negatives, blocks)]
+        pieces = [torch.where(onehot[:, b], ctx["target"][:, None], n) * scale
+                  for n, b in zip(negatives, blocks, strict=True)]
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-12, rtol=0, msg=name)

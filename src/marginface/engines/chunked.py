@@ -20,9 +20,11 @@ from marginface.engines.base import (
 )
 from marginface.margins.base import PAIRWISE_REDUCERS, Margin, RowContext
 
-# Measured on 2 CPU threads at the demo's and the papers' sizes (docs/benchmarks.md): large enough that each
-# block's GEMM runs at full speed, small enough that a block's temporaries stay in cache-sized pieces.
-DEFAULT_CHUNK_SIZE = 8192
+# chunk_size=None picks BLOCK_ELEMENTS / B classes (a power of two, at least MIN_CHUNK): measured on 2 CPU
+# threads at B = 128 and 512 (docs/benchmarks.md), a [B, chunk] block of about 2^18 fp32 values (1 MiB) keeps
+# each block's GEMM at full speed while its elementwise passes stay in cache.
+BLOCK_ELEMENTS = 2**18
+MIN_CHUNK = 256
 # Keeping exp(z − m_b)·dN/dc for the backward saves one GEMM in four; up to this size it is worth the memory.
 DEFAULT_KEEP_MB = 256.0
 
@@ -30,15 +32,16 @@ DEFAULT_KEEP_MB = 256.0
 class ChunkedEngine(Engine):
     """Streams ``chunk_size`` classes at a time through one autograd Function (``ChunkedClassPass``).
 
-    ``keep_mb``: when the batch's [B, C] block products fit in this many MiB they are kept from the forward
-    (3 GEMMs in all); otherwise the backward recomputes them (4 GEMMs). 0 always recomputes.
+    ``chunk_size``: classes per block (None: about 2^18 / B, measured). ``keep_mb``: when the batch's [B, C]
+    block products fit in this many MiB they are kept from the forward (3 GEMMs in all); otherwise the backward
+    recomputes them (4 GEMMs). 0 always recomputes.
     """
 
     name = "chunked"
 
-    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, keep_mb: float = DEFAULT_KEEP_MB) -> None:
+    def __init__(self, chunk_size: int | None = None, keep_mb: float = DEFAULT_KEEP_MB) -> None:
         super().__init__()
-        self.chunk_size = check_int_option(self.name, "chunk_size", chunk_size, minimum=1)
+        self.chunk_size = None if chunk_size is None else check_int_option(self.name, "chunk_size", chunk_size, 1)
         self.keep_mb = check_number_option(self.name, "keep_mb", keep_mb, minimum=0.0)
 
     def class_pass(
@@ -59,9 +62,17 @@ class ChunkedEngine(Engine):
         keep = needs_grad and x_hat.shape[0] * weight.shape[0] * x_hat.element_size() <= self.keep_mb * 2**20
         target_cos, negatives_lse, hard, *stats = ChunkedClassPass.apply(
             x_hat, weight, scale_tensor, labels, margin, ctx, scale_value,
-            self.chunk_size, keep, needs_grad, count_hard_negatives,
+            self.block_classes(x_hat.shape[0]), keep, needs_grad, count_hard_negatives,
         )  # fmt: skip
-        return ClassPass(target_cos, negatives_lse, dict(zip(keys, stats)), hard if count_hard_negatives and "threshold" in ctx else None)
+        hard_count = hard if count_hard_negatives and "threshold" in ctx else None
+        return ClassPass(target_cos, negatives_lse, dict(zip(keys, stats, strict=True)), hard_count)
+
+
+    def block_classes(self, batch: int) -> int:
+        """The classes per block for a batch of ``batch`` rows."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return max(MIN_CHUNK, 1 << max(0, (BLOCK_ELEMENTS // max(1, batch)).bit_length() - 1))
 
 
 def block_target_index(labels: Tensor, start: int, stop: int) -> Tensor:
@@ -141,7 +152,8 @@ class ChunkedClassPass(torch.autograd.Function):
                 if count_hard_negatives:
                     hard += count_hard(cos, row_ctx, target_index)
                 values, slope = margin.negatives_with_slope(cos, row_ctx)
-                z = values * row_scale
+                # N is the block's own scratch once the statistics are taken, unless ds needs it after exp
+                z = values * row_scale if scale_tensor is not None and needs_grad else values.mul_(row_scale)
             mask_targets(z, target_index, float("-inf"))
             shift = finite_shift(z.amax(dim=1))
             e = z.sub_(shift[:, None]).exp_()
@@ -168,7 +180,8 @@ class ChunkedClassPass(torch.autograd.Function):
         margin, row_ctx, kept = ctx.margin, ctx.row_ctx, ctx.kept
         row_scale = scale_tensor[:, None] if scale_tensor is not None else ctx.scale_value
         grad_x = torch.zeros_like(x_hat)
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        # every block writes its rows, so no fill (a [C, D] fill costs as much as a GEMM here)
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
         # g_L·s·exp(m_b − L) per block turns e into the gradient; m_b <= L, so it never overflows
@@ -187,7 +200,7 @@ class ChunkedClassPass(torch.autograd.Function):
                     z, slope = product.mul_(inv * ctx.scale_value), 1.0
                 else:
                     values, slope = margin.negatives_with_slope(product.mul_(inv), row_ctx)
-                    z = values * row_scale
+                    z = values.mul_(row_scale)
                 mask_targets(z, target_index, float("-inf"))
                 grad_cos = z.sub_(block_max[:, b : b + 1]).exp_().mul_(coefficients[:, b : b + 1])
                 if isinstance(slope, Tensor):
@@ -197,8 +210,10 @@ class ChunkedClassPass(torch.autograd.Function):
             grad_cos.mul_(inv)
             grad_x.addmm_(grad_cos, block)
             if grad_w is not None:
-                u = grad_cos.t() @ x_hat
-                grad_w[start:stop] = u.sub_(((u * block).sum(1) * inv * inv)[:, None] * block)
+                # written in place: [chunk, D] temporaries would each be fresh pages to fault in
+                u = torch.mm(grad_cos.t(), x_hat, out=grad_w[start:stop])
+                along = torch.bmm(u.unsqueeze(1), block.unsqueeze(2)).view(-1)  # (U ⊙ W_b)·1 without a temporary
+                u.addcmul_((along * inv * inv)[:, None], block, value=-1.0)
         grad_scale = grad_lse * scale_dot if scale_dot is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_scale, None, None, None, None, None, None, None, None
 

@@ -197,7 +197,8 @@ def test_margins_work_on_a_block_of_classes():
         scale = margin.row_scale(norms)
         negatives = [cos[:, b] if margin.identity_negatives else margin.negative_logits(cos[:, b], ctx)
                      for b in blocks]
-        lse = [(n * scale).masked_fill(onehot[:, b], float("-inf")).logsumexp(1) for n, b in zip(negatives, blocks, strict=True)]
+        lse = [(n * scale).masked_fill(onehot[:, b], float("-inf")).logsumexp(1)
+               for n, b in zip(negatives, blocks, strict=True)]
         stats = combine_row_statistics(partial, margin.row_reductions)
         stats["negatives_lse"] = combine_row_statistics([{"l": v} for v in lse], {"l": "logsumexp"})["l"]
         ctx = margin.finish(ctx, stats)

@@ -65,6 +65,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"marginface {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `marginface eval --json | head` closed our stdout: exit quietly, and point stdout at devnull so the
+        # interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def example_epilog(*examples: str) -> str:

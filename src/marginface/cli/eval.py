@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
+    if not os.path.exists(args.model):
+        # Checked first: a missing model is the real problem, not the pair sets it would have implied.
+        raise FileNotFoundError(f"model path {args.model} does not exist: expected a run directory, "
+                                ".safetensors or .onnx file")
     pair_paths = resolve_pairs(args)
     if not pair_paths and not args.ijb:
         raise ValueError("nothing to score: give --pairs FILE_OR_DIR and/or --ijb ROOT")

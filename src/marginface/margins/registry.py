@@ -23,10 +23,17 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def normalise_name(name: str) -> str:
+    """Registry key of a user-written margin name: case and `-`/`_` do not matter (`MV-Softmax` = `mv_softmax`)."""
+    return name.strip().lower().replace("-", "_")
+
+
 def margin_class(name: str) -> type:
-    if not isinstance(name, str) or name not in _REGISTRY:
+    """The margin class registered as ``name`` (case- and `-`/`_`-insensitive)."""
+    key = normalise_name(name) if isinstance(name, str) else None
+    if key not in _REGISTRY:
         raise ConfigError(f"unknown margin {name!r}: expected one of {', '.join(available())}")
-    return _REGISTRY[name]
+    return _REGISTRY[key]
 
 
 def parameters(name: str) -> dict[str, Any]:

@@ -224,3 +224,22 @@ def test_chunked_on_cuda_under_bf16_autocast_matches_fp32_dense(name):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         chunked = run(engines.create("chunked", chunk_size=1024), name, x, weight, labels, steps=1)
     assert_same(expected, chunked, 1e-5, f"{name} on CUDA under autocast")
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_MARGINS if not mf.margins.create(n).identity_negatives])
+def test_each_margins_closed_form_slope_equals_autograd_of_its_negatives(name):
+    """The engines' backward multiplies by negatives_with_slope's dN/dc: it must be the derivative of N."""
+    x, weight, labels = data(rows=16, classes=40)
+    margin = mf.margins.create(name).double()
+    margin.update_state(margin.batch_statistics(torch.full((16,), 0.3, dtype=torch.float64)))  # t ≠ 0
+    cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(weight, dim=1).t()
+    ctx = margin.prepare(cos.gather(1, labels[:, None])[:, 0])
+    leaf = cos.clone().requires_grad_(True)
+    expected_values = margin.negative_logits(leaf, ctx)
+    (expected_slope,) = torch.autograd.grad(expected_values.sum(), leaf)
+    values, slope = margin.negatives_with_slope(cos.clone(), ctx)
+    torch.testing.assert_close(values, expected_values.detach(), rtol=1e-12, atol=1e-14)  # (an FMA may round once)
+    torch.testing.assert_close(torch.as_tensor(slope).expand_as(cos), expected_slope, rtol=1e-12, atol=1e-14)
+    if "threshold" in ctx:
+        hard = int((cos > ctx["threshold"][:, None]).sum())
+        assert 0 < hard < cos.numel(), "the data must hold both hard and easy negatives"

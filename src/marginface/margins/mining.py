@@ -6,6 +6,7 @@ every reference implementation; the masks are computed from the cosines before a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -79,9 +80,10 @@ class MVSoftmax(Margin):
     def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
         """N and dN/dc together (the engines' fast backward); equal to autograd of negative_logits."""
         hard = hard_mask(cos, ctx)
-        slope_hard = 1.0 + self.t if self.adaptive else 1.0
-        emphasised = cos * slope_hard + self.t
-        return torch.where(hard, emphasised, cos), torch.ones_like(cos).masked_fill_(hard, slope_hard)
+        # (two python scalars in torch.where would give the default dtype, so the hard value is a 0-d tensor)
+        slope = torch.where(hard, cos.new_tensor(1.0 + self.t if self.adaptive else 1.0), 1.0)
+        # N = c·slope + t·[hard]: one fused multiply-add (engines call this on every block)
+        return torch.addcmul(torch.where(hard, cos.new_tensor(self.t), 0.0), cos, slope), slope
 
 
 @register
@@ -116,7 +118,9 @@ class ArcNegFace(AngularMargin):
 
     def reweighting(self, cos: Tensor, ctx: RowContext) -> Tensor:
         """w = α·exp(−(c − T)²/σ), treated as a constant (detached) as in the reference."""
-        return torch.exp(-((cos - ctx["reweight_center"][:, None]) ** 2) / self.sigma).mul_(self.alpha)
+        # α·exp(−d²/σ) = exp(log α − d²/σ), all in place on one temporary
+        distance = cos - ctx["reweight_center"][:, None]
+        return distance.square_().mul_(-1.0 / self.sigma).add_(math.log(self.alpha)).exp_()
 
     def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
         weight = self.reweighting(cos, ctx)
@@ -172,10 +176,10 @@ class CurricularFace(AngularMargin):
     def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
         t = self.t.to(cos.dtype)
         hard = hard_mask(cos, ctx)
-        shifted = cos + t  # I(t, c) = t + c, the modulation coefficient
-        values = torch.where(hard, shifted.mul_(cos), cos)
-        slope = torch.where(hard, cos * 2.0 + t, 1.0)  # M = 2c + t on hard negatives
-        return values, slope
+        # I(t, c) = t + c on hard negatives, 1 elsewhere: N = c·I, and M = dN/dc = I + c = 2c + t where hard
+        modulation = torch.where(hard, cos + t, 1.0)
+        values = cos * modulation
+        return values, torch.where(hard, modulation.add_(cos), 1.0)
 
 
 @register
@@ -239,4 +243,5 @@ class NPCFace(Margin):
 
     def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
         hard = hard_mask(cos, ctx)
-        return torch.where(hard, cos * self.t + self.alpha, cos), torch.ones_like(cos).masked_fill_(hard, self.t)
+        slope = torch.where(hard, cos.new_tensor(self.t), 1.0)  # a 0-d tensor keeps cos's dtype
+        return torch.addcmul(torch.where(hard, cos.new_tensor(self.alpha), 0.0), cos, slope), slope

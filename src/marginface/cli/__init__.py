@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from marginface import __version__
 from marginface.errors import MarginfaceError
 
-# Order is the order shown by `marginface --help`. A command whose module is absent is skipped, so that a
-# partial installation still offers what it has.
+# Order is the order shown by `marginface --help`. Every listed command must have its module: a missing one
+# is a broken installation and fails loudly (tests/test_cli_help.py runs --help of each).
 COMMAND_MODULES = ("train", "eval", "search", "data", "export", "plot", "bench")
 
 
@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"marginface {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"marginface.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"marginface.cli.{name}":
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"marginface.cli.{name}").register(subparsers)
     return parser
 
 

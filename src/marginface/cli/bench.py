@@ -1,0 +1,97 @@
+"""`marginface bench`: measure the heads on your own hardware before a long run (the code of benchmarks/heads.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from marginface.cli import example_epilog, help_formatter
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time the heads (margin x engine) on this machine",
+        description="Benchmarks to run on your own hardware before picking an engine and a batch size.",
+        formatter_class=help_formatter(),
+        epilog=example_epilog("marginface bench heads --margins arcface curricularface --classes 93431"),
+    )
+    parser.set_defaults(func=None, group_parser=parser)
+    kinds = parser.add_subparsers(dest="kind", metavar="KIND")
+    heads = kinds.add_parser(
+        "heads",
+        help="forward + backward of each margin on each engine, beside the 3-GEMM floor",
+        description=(
+            "Run one training step (forward + backward) of each margin on each engine, interleaved round-robin "
+            "with the three GEMMs any head must do (the floor) and pytorch-metric-learning's ArcFaceLoss when it "
+            "is installed. Prints the time per step, its ratio to the floor and to ArcFace on the same engine, "
+            "and the peak memory of each variant (measured in a fresh process each). Every head's fp32 loss "
+            "and gradients are first checked against float64."
+        ),
+        formatter_class=help_formatter(),
+        epilog=example_epilog(
+            "marginface bench heads --margins arcface npcface --engines dense chunked --batch-size 128",
+            "marginface bench heads --classes 360232 --batch-size 512 --device cuda --dtype bfloat16 --json",
+        ),
+    )
+    heads.add_argument("--margins", nargs="+", default=["arcface", "curricularface"], metavar="NAME",
+                       help="margins to time (default: arcface curricularface)")
+    heads.add_argument("--engines", nargs="+", default=None, metavar="NAME", help="engines (default: all)")
+    heads.add_argument("--batch-size", type=int, default=128, help="rows per step (default 128)")
+    heads.add_argument("--classes", type=int, default=93_431, help="number of classes (default 93,431)")
+    heads.add_argument("--embedding-size", type=int, default=512, help="D (default 512)")
+    heads.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="precision of the embeddings; bf16/fp16 run the head under autocast (default float32)")
+    heads.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    heads.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+    heads.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
+    heads.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    heads.set_defaults(func=run_heads)
+
+
+def run_heads(args: argparse.Namespace) -> int:
+    import torch
+
+    from marginface import engines, heads
+    from marginface.bench import heads as bench
+    from marginface.errors import ConfigError
+
+    for option in ("batch_size", "classes", "embedding_size", "rounds"):
+        value = getattr(args, option)
+        if value < (2 if option == "classes" else 1):
+            raise ConfigError(f"--{option.replace('_', '-')}={value} is invalid: expected a positive integer"
+                              + (" >= 2" if option == "classes" else ""))
+    from marginface.margins.registry import margin_class
+
+    names = [margin_class(n).name for n in args.margins]  # an unknown name is a ConfigError listing them all
+    engine_names = args.engines or engines.available()
+    for name in engine_names:
+        engines.check_name(name)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ConfigError(f"--device {args.device!r} is not a torch device (expected e.g. cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU")
+    variants = [bench.variant(m, e) for e in engine_names for m in names]
+    if "arcface" not in names:  # the mining heads' ratio is to ArcFace on the same engine
+        variants += [bench.variant("arcface", e) for e in engine_names]
+    peers = [bench.FLOOR] + ([bench.PML] if bench.pml_available() else [])
+    errors = bench.check_correctness(variants)
+    summary = bench.run_rounds(peers + variants, args.batch_size, args.classes, args.embedding_size,
+                               args.rounds, device=args.device, dtype=args.dtype)
+    if not args.no_memory:
+        for name in summary:
+            summary[name]["extra_rss_mb"] = bench.memory_probe(
+                name, args.batch_size, args.classes, args.embedding_size, device=args.device, dtype=args.dtype
+            )
+    if args.json:
+        print(json.dumps({"correctness": errors, "batch_size": args.batch_size, "classes": args.classes,
+                          "embedding_size": args.embedding_size, "dtype": args.dtype, "device": args.device,
+                          "heads_available": heads.available(), "results": summary}, indent=2))
+        return 0
+    print("correctness (fp32 vs float64, worst relative error): "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    bench.print_table(summary, args.batch_size, args.classes, args.embedding_size, args.rounds,
+                      not args.no_memory, dtype=args.dtype)
+    return 0

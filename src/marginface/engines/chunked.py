@@ -82,10 +82,16 @@ def block_target_index(labels: Tensor, start: int, stop: int) -> Tensor:
 
 
 def mask_targets(z: Tensor, target_index: Tensor, value: float | Tensor) -> None:
-    """z[i, target_index[i]] = value for the rows whose target lies in this block (in place)."""
-    rows = (target_index >= 0).nonzero().squeeze(1)
-    if rows.numel():
-        z[rows, target_index[rows]] = value if isinstance(value, float) else value[rows]
+    """z[i, target_index[i]] = value (or value[i]) for the rows whose target lies in this block, in place.
+
+    Rows whose target lies elsewhere rewrite their column 0 with its own value: B-sized work and no
+    data-dependent shapes, so CUDA never waits for the host.
+    """
+    inside = target_index >= 0
+    index = torch.where(inside, target_index, 0)[:, None]
+    current = z.gather(1, index)[:, 0]
+    new = value if isinstance(value, Tensor) else torch.full_like(current, value)
+    z.scatter_(1, index, torch.where(inside, new.to(z.dtype), current)[:, None])
 
 
 class ChunkedClassPass(torch.autograd.Function):

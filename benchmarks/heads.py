@@ -52,10 +52,10 @@ def main() -> None:
         results = {}
         for engine in args.engines:
             name = variant("arcface", engine)
-            results[name] = largest_classes(name, args.batch_sizes[0], args.dim, args.largest_c, (50_000, 200_000))
+            results[name] = largest_classes(name, args.batch_sizes[0], args.dim, args.largest_c, (200_000, 400_000))
             row = results[name]
-            print(f"{name}: peak RSS {row['probe_peak_mb'][0]:.0f} MB at C = 50,000 and "
-                  f"{row['probe_peak_mb'][1]:.0f} MB at C = 200,000 (B = {args.batch_sizes[0]}, D = {args.dim}): "
+            print(f"{name}: peak RSS {row['probe_peak_mb'][0]:.0f} MB at C = 200,000 and "
+                  f"{row['probe_peak_mb'][1]:.0f} MB at C = 400,000 (B = {args.batch_sizes[0]}, D = {args.dim}): "
                   f"{row['mb_per_1k_classes']:.1f} MB per 1k classes -> largest C in {args.largest_c:g} GiB "
                   f"~ {row['largest_classes']:,}")
         if args.json:

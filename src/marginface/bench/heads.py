@@ -62,13 +62,14 @@ def make_step(
     module.to(device).train()
 
     def step() -> float:
-        for parameter in module.parameters():
-            parameter.grad = None
         x = embeddings.clone().requires_grad_(True)
         with torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype], enabled=low_precision):
             loss = module(x if name != PML else x.float(), labels)
         loss.backward()
-        return loss.detach().item()
+        value = loss.detach().item()
+        for parameter in module.parameters():  # variants run side by side: none may hold a [C, D] gradient
+            parameter.grad = None
+        return value
 
     return step
 

@@ -1,4 +1,5 @@
-"""Atomic file output: write beside the target, fsync, rename — a crash leaves the old file or the new one."""
+"""Writing files: atomic output (write beside the target, fsync, rename — a crash leaves the old file or the new
+one) and the one conversion of results to JSON-plain values."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -48,3 +50,21 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(handle)
+
+
+def json_plain(value: Any) -> Any:
+    """JSON-ready values: tensors and numpy arrays to lists, their scalars to numbers, keys to strings, paths to str.
+
+    The one converter of results for metrics.json, eval outputs and margin hyperparameters.
+    """
+    if isinstance(value, dict):
+        return {str(k): json_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist") and hasattr(value, "shape"):  # torch.Tensor, numpy.ndarray and numpy scalars
+        return value.tolist()
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        return value.item()
+    return value

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from marginface.cli import example_epilog, help_formatter
+from marginface.fileio import json_plain
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,17 +73,17 @@ def run(args: argparse.Namespace) -> int:
                            return_scores=bool(args.plot))
         if args.plot:
             scores_for_plots[args.target] = (ijb.pop("scores"), ijb.pop("labels"))
-        results["ijb"] = {args.target: plain(ijb)}
+        results["ijb"] = {args.target: json_plain(ijb)}
     if args.plot:
         results["plots"] = write_plots(Path(args.plot), scores_for_plots, results)
     output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else None)
     if output:
         from marginface.fileio import atomic_write_text
 
-        atomic_write_text(output, json.dumps(plain(results), indent=2) + "\n")
+        atomic_write_text(output, json.dumps(json_plain(results), indent=2) + "\n")
         results["output"] = output
     if args.json:
-        print(json.dumps(plain(results), indent=2))
+        print(json.dumps(json_plain(results), indent=2))
     else:
         print_table(results)
     return 0
@@ -120,7 +121,7 @@ def score_pairs(model, pair_set, batch_size: int, flip: bool):
     result["pairs"] = int(issame.size)
     if issame.any() and not issame.all():
         result["tar_at_far"] = tar_at_far(scores, issame, (1e-3, 1e-2, 1e-1))
-    return plain(result), scores
+    return json_plain(result), scores
 
 
 def write_plots(directory: Path, scores: dict, results: dict) -> list[str]:
@@ -157,16 +158,3 @@ def print_table(results: dict) -> None:
         print(f"results: {results['output']}")
 
 
-def plain(value):
-    """JSON-ready: numpy scalars and arrays to Python, float keys to strings."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from marginface.errors import ConfigError
+from marginface.fileio import json_plain
 
 RowContext = dict[str, Tensor]
 
@@ -205,7 +206,7 @@ class Margin(nn.Module):
         ``create(name, **params)``.
         """
         params = inspect.signature(type(self).__init__).parameters
-        return {name: _plain(getattr(self, name)) for name in params if name != "self"}
+        return {name: json_plain(getattr(self, name)) for name in params if name != "self"}
 
 
 # How two partial row statistics combine (blocks of one pass, or shards across ranks).
@@ -221,14 +222,6 @@ def combine_row_statistics(
         for key, kind in reductions.items():
             combined[key] = part[key] if key not in combined else PAIRWISE_REDUCERS[kind](combined[key], part[key])
     return combined
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 class AngularMargin(Margin):

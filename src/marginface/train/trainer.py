@@ -20,6 +20,7 @@ from torch import nn
 
 from marginface import heads, models
 from marginface.errors import ConfigError, MarginfaceError, NonFiniteLossError
+from marginface.fileio import json_plain
 from marginface.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from marginface.train.config import Config, config_from_dict, save_config
 from marginface.train.distributed import World, setup, teardown
@@ -368,7 +369,7 @@ class Trainer:
         )
         state = self.state
         metrics = {
-            "verification": {name: jsonable(result) for name, result in self.verification.items()},
+            "verification": {name: json_plain(result) for name, result in self.verification.items()},
             "steps": state.step,
             "epochs": state.step / self.steps_per_epoch,
             "world_size": self.world.world_size,
@@ -425,16 +426,6 @@ def optimizer_step(
     # step and lowers the scale. Anything else non-finite is a real problem for the guard.
     overflow = scaler.is_enabled() and finite_loss and not finite_grad
     return loss_value, not (finite_loss and finite_grad) and not overflow
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "item"):
-        return value.item()
-    return value
 
 
 def export_model(backbone: nn.Module, path: Path) -> None:

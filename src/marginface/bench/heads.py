@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-import marginface as mf
+from marginface import heads as margin_heads
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,7 +58,7 @@ def make_step(
         module = ArcFaceLoss(classes, dim, margin=math.degrees(0.5), scale=64)
     else:
         head, _, engine = name.partition("@")
-        module = mf.heads.create(head, num_classes=classes, embedding_size=dim, engine=engine or None)
+        module = margin_heads.create(head, num_classes=classes, embedding_size=dim, engine=engine or None)
     module.to(device).train()
 
     def step() -> float:
@@ -82,8 +82,9 @@ def check_correctness(names: list[str], classes: int = 4000, dim: int = 512, bat
     errors = {}
     for name in names:
         head, _, engine = name.partition("@")
-        head64 = mf.heads.create(head, num_classes=classes, embedding_size=dim, engine=engine or None).double().eval()
-        head32 = mf.heads.create(head, num_classes=classes, embedding_size=dim, engine=engine or None).eval()
+        head64 = margin_heads.create(head, num_classes=classes, embedding_size=dim, engine=engine or None)
+        head64 = head64.double().eval()
+        head32 = margin_heads.create(head, num_classes=classes, embedding_size=dim, engine=engine or None).eval()
         head32.load_state_dict({k: v.float() for k, v in head64.state_dict().items()})
         results = []
         for head, x in ((head64, embeddings.clone()), (head32, embeddings.float())):

@@ -137,3 +137,11 @@ def test_training_options(cache, tmp_path, monkeypatch, overrides):
     assert not metrics["skipped_steps"]
     for result in metrics["verification"].values():
         assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_a_fixed_size_backbone_on_the_demo_size_names_the_option(cache, tmp_path):
+    result = train_cli(cache, "--max-steps", "1", "--out", str(tmp_path / "mfn"), "model.name=mobilefacenet",
+                       check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.name=mobilefacenet takes 112x112 images, but data.image_size=56 gives 56x56" in result.stderr
+    assert "set data.image_size=112" in result.stderr

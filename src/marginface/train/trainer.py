@@ -100,6 +100,23 @@ def build_model(config: Config, num_classes: int) -> TrainingModule:
     return TrainingModule(backbone, head)
 
 
+def check_image_size(config: Config, backbone: nn.Module, stored: tuple[int, int] | None) -> None:
+    """A backbone with a fixed input size must get images of that size: say which option fixes a mismatch."""
+    expected = getattr(backbone, "input_size", None)
+    fed = config.data.image_size if config.data.image_size is not None else stored
+    if expected is None or fed is None:
+        return
+    fed = (fed, fed) if isinstance(fed, int) else tuple(fed)
+    if tuple(fed) != tuple(expected):
+        source = f"data.image_size={config.data.image_size}" if config.data.image_size is not None else (
+            "the dataset's stored size")
+        raise ConfigError(
+            f"model.name={config.model.name} takes {expected[0]}x{expected[1]} images, but {source} gives "
+            f"{fed[0]}x{fed[1]}: set data.image_size={expected[0]}"
+            + (" (or data.image_size=null to keep the stored size)" if stored == tuple(expected) else "")
+        )
+
+
 def train(config: Config, run_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> dict:
     """Train as configured into ``run_dir``; with ``resume``, continue from its latest checkpoint."""
     run_dir = Path(run_dir)
@@ -159,6 +176,7 @@ class Trainer:
                                     seed=config.train.seed)
         self.pair_sets = [load_pairs(path) for path in pair_paths] if world.is_main else []
         self.module = build_model(config, self.dataset.num_classes).to(world.device)
+        check_image_size(config, self.module.backbone, self.dataset.stored_size)
         self.module.head.batch_reduce = world.all_reduce_sum
         self.optimizer = build_optimizer([self.module], config.optimizer)
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=config.train.precision == "fp16")

@@ -2,6 +2,7 @@
 
 import pytest
 
+import marginface as mf
 from marginface.errors import ConfigError
 from marginface.margins.registry import margin_class
 
@@ -18,3 +19,13 @@ def test_arcface_case():
 def test_unknown_name_lists_margins():
     with pytest.raises(ConfigError, match="arcface"):
         margin_class("nosuch")
+
+
+def test_head_names_are_normalised_and_the_error_lists_softmax():
+    from marginface.train.config import config_from_dict
+
+    assert mf.heads.create("MV-Softmax", num_classes=5, embedding_size=4).margin.name == "mv_softmax"
+    assert mf.heads.create("Softmax", num_classes=5, embedding_size=4).__class__.__name__ == "SoftmaxHead"
+    assert config_from_dict({"head": {"margin": "ArcFace", "params": {}}}).head.margin == "arcface"
+    with pytest.raises(ConfigError, match=r"unknown head 'arcfaec': expected one of softmax, .*arcface"):
+        mf.heads.create("arcfaec", num_classes=5, embedding_size=4)

@@ -107,6 +107,18 @@ def available() -> list[str]:
     return ["softmax", *margins.available()]
 
 
+def canonical_name(name: Any) -> str:
+    """The head name as registered: "softmax", or the margin's own name (case and `-`/`_` do not matter)."""
+    from marginface.margins.registry import normalise_name
+
+    key = normalise_name(name) if isinstance(name, str) else None
+    if key == "softmax":
+        return key
+    if key not in margins.available():
+        raise ConfigError(f"unknown head {name!r}: expected one of {', '.join(available())}")
+    return key
+
+
 def create(
     name: str,
     num_classes: int,
@@ -120,6 +132,7 @@ def create(
     ``engine`` is an engine name (with ``engine_params``) or an Engine object; None picks
     ``engines.DEFAULT_ENGINE``. The softmax baseline is a plain linear layer and takes no engine.
     """
+    name = canonical_name(name)
     if name == "softmax":
         if margin_params.keys() - {"bias"}:
             raise ConfigError(

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marginface import margins
+    from marginface import heads, margins
     from marginface.train import load_config, train
     from marginface.train.config import config_from_dict
     from marginface.train.trainer import load_run_config
@@ -67,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, overrides)
         if args.margin:
-            accepted = margins.parameters(args.margin) if args.margin != "softmax" else {}
+            name = heads.canonical_name(args.margin)  # unknown: a ConfigError listing every head, softmax too
+            accepted = margins.parameters(name) if name != "softmax" else {}
             raw = config.to_dict()
-            raw["head"] = {**raw["head"], "margin": args.margin,
+            raw["head"] = {**raw["head"], "margin": name,
                            "params": {k: v for k, v in config.head.params.items() if k in accepted}}
             config = config_from_dict(raw)
         if margin_from:

@@ -262,10 +262,12 @@ def validate(config: Config) -> None:
     # The margin and model names and parameters are checked by their own registries (same error style).
     from marginface import engines, heads, models
 
-    if config.head.margin not in heads.available():
+    try:
+        config.head.margin = heads.canonical_name(config.head.margin)  # MV-Softmax, ArcFace, mv_softmax: one name
+    except ConfigError:
         raise ConfigError(
             f"head.margin={config.head.margin!r} is invalid: expected one of {', '.join(heads.available())}"
-        )
+        ) from None
     if config.head.engine not in (engines.AUTO, *engines.available()):
         raise ConfigError(
             f"head.engine={config.head.engine!r} is invalid: expected one of "

@@ -12,7 +12,6 @@ gradient. ``--largest-c`` doubles C from 1M, then bisects, until one step at B =
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -20,49 +19,35 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-import marginface as mf
+from marginface.bench.heads import FLOOR, PML, pml_available
+from marginface.bench.heads import make_step as make_bench_step
 
-FLOOR, LINEAR_CE, PML = "bf16 3-GEMM floor", "bf16 linear + CE", "PML ArcFaceLoss"
+LINEAR_CE = "bf16 linear + CE"
+DEVICE, DTYPE = "cuda", "bfloat16"
 
 
-def make_step(name: str, batch: int, classes: int, dim: int) -> Callable[[], None]:
-    device = torch.device("cuda")
-    generator = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(batch, dim, device=device, generator=generator).bfloat16()
-    labels = torch.randint(0, classes, (batch,), device=device, generator=generator)
-    if name == FLOOR:
-        weight = torch.randn(classes, dim, device=device, dtype=torch.bfloat16) * 0.01
-        upstream = torch.randn(batch, classes, device=device, dtype=torch.bfloat16)
+def make_step(name: str, batch: int, classes: int, dim: int) -> Callable[[], float]:
+    """One forward + backward of ``name`` on the GPU in bf16 autocast: marginface.bench.heads's variants (the
+    floor, PML, HEAD@ENGINE) plus plain bf16 linear + cross-entropy, the GPU peer."""
+    if name != LINEAR_CE:
+        return make_bench_step(name, batch, classes, dim, device=DEVICE, dtype=DTYPE)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, dim, generator=generator).to(DEVICE, torch.bfloat16)
+    labels = torch.randint(0, classes, (batch,), generator=generator).to(DEVICE)
+    module = torch.nn.Linear(dim, classes, bias=False, device=DEVICE)
 
-        def floor() -> None:
-            x0 @ weight.t(), upstream @ weight, upstream.t() @ x0
-
-        return floor
-    if name == LINEAR_CE:
-        module: torch.nn.Module = torch.nn.Linear(dim, classes, bias=False, device=device)
-        loss_of = lambda x: F.cross_entropy(module(x), labels)  # noqa: E731
-    elif name == PML:
-        from pytorch_metric_learning.losses import ArcFaceLoss
-
-        module = ArcFaceLoss(classes, dim, margin=math.degrees(0.5), scale=64).to(device)
-        loss_of = lambda x: module(x.float(), labels)  # noqa: E731
-    else:
-        head, _, engine = name.partition("@")
-        module = mf.heads.create(head, num_classes=classes, embedding_size=dim, engine=engine).to(device)
-        loss_of = lambda x: module(x, labels)  # noqa: E731
-
-    def step() -> None:
-        for parameter in module.parameters():
-            parameter.grad = None
+    def step() -> float:
         x = x0.clone().requires_grad_(True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_of(x)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            loss = F.cross_entropy(module(x), labels)
         loss.backward()
+        module.weight.grad = None
+        return loss.item()
 
     return step
 
 
-def timed(step: Callable[[], None]) -> float:
+def timed(step: Callable[[], float]) -> float:
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     step()
@@ -121,12 +106,7 @@ def main() -> None:
             print(f"largest C at B = 512, D = {args.dim}, arcface@{engine}: "
                   f"{largest(f'arcface@{engine}', 512, args.dim, share):,}", flush=True)
         return
-    try:
-        import pytorch_metric_learning  # noqa: F401
-
-        peers = [FLOOR, LINEAR_CE, PML]
-    except ImportError:
-        peers = [FLOOR, LINEAR_CE]
+    peers = [FLOOR, LINEAR_CE] + ([PML] if pml_available() else [])
     names = peers + [f"{h}@{e}" for e in ("chunked", "dense") for h in args.heads]
     for classes in args.classes:
         for batch in args.batch_sizes:

@@ -132,39 +132,38 @@ def run_rounds(
     return summary
 
 
+def fresh_process_probe(name: str, batch: int, classes: int, dim: int, device: str, dtype: str, measure: str) -> float:
+    """Build variant ``name`` in a fresh interpreter, run ``measure`` (code around two steps) and return its number.
+
+    ``measure`` sees ``step`` and prints one number: a fresh process per variant keeps one variant's allocations
+    out of the next one's peak.
+    """
+    code = (
+        "import resource, torch; import marginface.bench.heads as h;"
+        f"step = h.make_step({name!r}, {batch}, {classes}, {dim}, device={device!r}, dtype={dtype!r});" + measure
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(output.stdout.strip().splitlines()[-1])
+
+
 def memory_probe(name: str, batch: int, classes: int, dim: int, device: str = "cpu", dtype: str = "float32") -> float:
     """Peak memory growth (MB) of two steps of ``name`` in a fresh interpreter, over its inputs and parameters.
 
     On CPU the growth of peak RSS; on CUDA the peak allocated memory over what was allocated before the steps.
     """
     if device != "cpu":
-        code = (
-            "import torch; import marginface.bench.heads as h;"
-            f"step = h.make_step({name!r}, {batch}, {classes}, {dim}, device={device!r}, dtype={dtype!r});"
-            "torch.cuda.synchronize(); before = torch.cuda.memory_allocated(); step(); step();"
-            "print((torch.cuda.max_memory_allocated() - before) / 2**20)"
-        )
-        output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        return float(output.stdout.strip().splitlines()[-1])
-    code = (
-        "import resource; import marginface.bench.heads as h;"
-        f"step = h.make_step({name!r}, {batch}, {classes}, {dim}, dtype={dtype!r});"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step(); step();"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)"
-    )
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(output.stdout.strip().splitlines()[-1])
+        measure = ("torch.cuda.synchronize(); before = torch.cuda.memory_allocated(); step(); step();"
+                   "print((torch.cuda.max_memory_allocated() - before) / 2**20)")
+    else:
+        measure = ("before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step(); step();"
+                   "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    return fresh_process_probe(name, batch, classes, dim, device, dtype, measure)
 
 
 def peak_rss_mb(name: str, batch: int, classes: int, dim: int) -> float:
     """Peak RSS (MB) of a fresh interpreter that builds ``name`` and trains two steps: everything a run holds."""
-    code = (
-        "import resource; import marginface.bench.heads as h;"
-        f"step = h.make_step({name!r}, {batch}, {classes}, {dim}); step(); step();"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
-    )
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(output.stdout.strip().splitlines()[-1])
+    measure = "step(); step(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    return fresh_process_probe(name, batch, classes, dim, "cpu", "float32", measure)
 
 
 def largest_classes(name: str, batch: int, dim: int, budget_gib: float, probes: tuple[int, int]) -> dict:

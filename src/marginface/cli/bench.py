@@ -55,14 +55,13 @@ def run_heads(args: argparse.Namespace) -> int:
     from marginface import engines, heads
     from marginface.bench import heads as bench
     from marginface.errors import ConfigError
+    from marginface.margins.registry import margin_class
 
     for option in ("batch_size", "classes", "embedding_size", "rounds"):
         value = getattr(args, option)
         if value < (2 if option == "classes" else 1):
             raise ConfigError(f"--{option.replace('_', '-')}={value} is invalid: expected a positive integer"
                               + (" >= 2" if option == "classes" else ""))
-    from marginface.margins.registry import margin_class
-
     names = [margin_class(n).name for n in args.margins]  # an unknown name is a ConfigError listing them all
     engine_names = args.engines or engines.available()
     for name in engine_names:

@@ -6,10 +6,9 @@ streams the classes in blocks and never holds [B, C]. docs/engines.md says which
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
-from marginface.engines.base import ClassPass, Engine, margin_loss, update_margin_state
+from marginface.engines.base import ClassPass, Engine, margin_loss
 from marginface.engines.chunked import ChunkedEngine
 from marginface.engines.dense import DenseEngine, cosine_matrix
 from marginface.errors import ConfigError
@@ -29,8 +28,7 @@ def available() -> list[str]:
 
 def option_names(name: str) -> list[str]:
     """The options an engine accepts (its constructor's keyword arguments)."""
-    params = inspect.signature(ENGINES[check_name(name)].__init__).parameters
-    return [p for p in params if p != "self"]
+    return ENGINES[check_name(name)].option_names()
 
 
 def check_name(name: Any) -> str:
@@ -76,5 +74,4 @@ __all__ = [
     "margin_loss",
     "option_names",
     "resolve",
-    "update_margin_state",
 ]

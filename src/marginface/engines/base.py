@@ -11,7 +11,6 @@ blocks of classes (chunked).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,9 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from marginface.errors import ConfigError
-from marginface.margins.base import Margin, RowContext, compute_dtype
-
-BatchReduce = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]
+from marginface.margins.base import BatchReduce, Margin, RowContext, compute_dtype
 
 NORM_EPS = 1e-12
 
@@ -54,10 +51,17 @@ class Engine:
 
     name: ClassVar[str] = ""
 
+    def __init__(self) -> None:
+        """Engines take their options as constructor keywords, stored under the same names."""
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options this engine accepts (its constructor's keyword arguments)."""
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
     def options(self) -> dict[str, Any]:
         """The constructor arguments that recreate this engine (for configs and reports)."""
-        params = inspect.signature(type(self).__init__).parameters
-        return {name: getattr(self, name) for name in params if name != "self"}
+        return {name: getattr(self, name) for name in self.option_names()}
 
     def loss(
         self,
@@ -84,14 +88,10 @@ class Engine:
         batch_reduce: BatchReduce | None = None,
     ) -> Tensor:
         """Scaled margin logits [B, C]: materialised by definition, so every engine computes them densely."""
-        dtype = full_precision(embeddings, weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            embeddings, weight = embeddings.to(dtype), weight.to(dtype)
-            x_hat = F.normalize(embeddings, dim=1, eps=NORM_EPS)
-            norms = embeddings.norm(dim=1) if margin.needs_norms else None
+            x_hat, weight, labels, norms = full_precision_inputs(margin, embeddings, weight, labels)
             cos = (x_hat @ weight.t()) * inverse_norms(weight)
-            labels = labels.long()
-            update_margin_state(margin, cos.gather(1, labels[:, None])[:, 0], norms, batch_reduce)
+            margin.update_from_batch(cos.gather(1, labels[:, None])[:, 0], norms, batch_reduce)
             logits, _ = margin.reference(cos, labels, norms=norms, update_state=False)
             return logits
 
@@ -108,21 +108,15 @@ class Engine:
         raise NotImplementedError
 
 
-def full_precision(embeddings: Tensor, weight: Tensor) -> torch.dtype:
-    """The margin and softmax run in fp32 (fp64 stays fp64) whatever the backbone's precision."""
-    return torch.promote_types(compute_dtype(embeddings), weight.dtype)
-
-
-def update_margin_state(
-    margin: Margin, target_cos: Tensor, norms: Tensor | None, batch_reduce: BatchReduce | None
-) -> None:
-    """The one state update of every engine: once per step, from the (all-reduced) batch statistics."""
-    if not (margin.training or margin.update_in_eval):
-        return
-    stats = margin.batch_statistics(target_cos.detach(), None if norms is None else norms.detach())
-    if stats and batch_reduce is not None:
-        stats = batch_reduce(stats)
-    margin.update_state(stats)
+def full_precision_inputs(
+    margin: Margin, embeddings: Tensor, weight: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(x̂, W, labels, ‖x‖ or None) in fp32 (fp64 stays fp64) whatever the backbone's precision: the margin and
+    softmax never run in half precision. Call it with autocast disabled."""
+    dtype = torch.promote_types(compute_dtype(embeddings), weight.dtype)
+    embeddings, weight = embeddings.to(dtype), weight.to(dtype)
+    norms = embeddings.norm(dim=1) if margin.needs_norms else None
+    return F.normalize(embeddings, dim=1, eps=NORM_EPS), weight, labels.long(), norms
 
 
 def margin_loss(
@@ -135,14 +129,11 @@ def margin_loss(
     statistics: dict[str, float] | None,
 ) -> Tensor:
     """The sequence of margins/base.py, with the engine's class pass in the middle."""
-    dtype = full_precision(embeddings, weight)
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        embeddings, weight, labels = embeddings.to(dtype), weight.to(dtype), labels.long()
-        x_hat = F.normalize(embeddings, dim=1, eps=NORM_EPS)
-        norms = embeddings.norm(dim=1) if margin.needs_norms else None
+        x_hat, weight, labels, norms = full_precision_inputs(margin, embeddings, weight, labels)
         with torch.no_grad():
             detached_target = target_cosines(x_hat, weight, labels)
-        update_margin_state(margin, detached_target, norms, batch_reduce)
+        margin.update_from_batch(detached_target, norms, batch_reduce)
         ctx = margin.prepare(detached_target, norms)
         scale = margin.row_scale(norms)
         if isinstance(scale, Tensor):

@@ -60,11 +60,12 @@ class ChunkedEngine(Engine):
         inputs = (x_hat, weight) if scale_tensor is None else (x_hat, weight, scale_tensor)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         keep = needs_grad and x_hat.shape[0] * weight.shape[0] * x_hat.element_size() <= self.keep_mb * 2**20
+        count_hard_negatives = count_hard_negatives and "threshold" in ctx  # margins without one have no count
         target_cos, negatives_lse, hard, *stats = ChunkedClassPass.apply(
             x_hat, weight, scale_tensor, labels, margin, ctx, scale_value,
             self.block_classes(x_hat.shape[0]), keep, needs_grad, count_hard_negatives,
         )  # fmt: skip
-        hard_count = hard if count_hard_negatives and "threshold" in ctx else None
+        hard_count = hard if count_hard_negatives else None
         return ClassPass(target_cos, negatives_lse, dict(zip(keys, stats, strict=True)), hard_count)
 
 
@@ -136,7 +137,6 @@ class ChunkedClassPass(torch.autograd.Function):
         row_scale = scale_tensor[:, None] if scale_tensor is not None else scale_value
         # the plain path (ArcFace, CosFace, ...) scales the product once in place and does nothing else per block
         plain = margin.identity_negatives and not margin.row_reductions and scale_tensor is None
-        count_hard_negatives = count_hard_negatives and "threshold" in row_ctx
         plain = plain and not count_hard_negatives
         target_cos = target_cosines(x_hat, weight, labels)
         lse = x_hat.new_full((batch,), float("-inf"))

@@ -35,9 +35,6 @@ class DenseEngine(Engine):
 
     name = "dense"
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def class_pass(
         self,
         margin: Margin,

@@ -3,7 +3,7 @@
 Every engine (dense, chunked, later sharded) drives a margin through the same steps, so a margin written once
 runs everywhere; ``engines.base.margin_loss`` is that sequence, shared by every engine:
 
-1. ``batch_statistics(target_cos, norms)`` -> sums over the batch (detached); the engine all-reduces them across
+1. ``update_from_batch``: ``batch_statistics(target_cos, norms)`` -> sums over the batch (detached), all-reduced across
    ranks, then ``update_state(stats)`` moves the margin's state (CurricularFace's t) once per step, in training
    mode only (or always, where ``update_in_eval`` is set).
 2. ``prepare(target_cos, norms)`` -> the row context N may use (the hard-negative threshold, ...). It sees the
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +37,8 @@ from marginface.errors import ConfigError
 from marginface.fileio import json_plain
 
 RowContext = dict[str, Tensor]
+# All-reduces a margin's batch statistics across data-parallel ranks (set by the trainer).
+BatchReduce = Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]]
 
 # Distance kept from cos = ±1 before sqrt(1 - c²) or acos: their derivatives are infinite at ±1 exactly.
 COS_EPS = 1e-7
@@ -114,6 +116,18 @@ class Margin(nn.Module):
     def update_state(self, stats: Mapping[str, Tensor]) -> None:
         return None
 
+    def update_from_batch(
+        self, target_cos: Tensor, norms: Tensor | None = None, batch_reduce: BatchReduce | None = None
+    ) -> None:
+        """Step 1, the one state update of every engine and of ``reference``: once per step, from the
+        (all-reduced) batch statistics, in training mode (or always, where ``update_in_eval`` is set)."""
+        if not (self.training or self.update_in_eval):
+            return
+        stats = self.batch_statistics(target_cos.detach(), None if norms is None else norms.detach())
+        if stats and batch_reduce is not None:
+            stats = batch_reduce(stats)
+        self.update_state(stats)
+
     def prepare(self, target_cos: Tensor, norms: Tensor | None = None) -> RowContext:
         return {"target_cos": target_cos}
 
@@ -180,8 +194,8 @@ class Margin(nn.Module):
             )
         labels = labels.long()
         target_cos = cos.gather(1, labels[:, None]).squeeze(1)
-        if update_state and (self.training or self.update_in_eval):
-            self.update_state(self.batch_statistics(target_cos.detach(), None if norms is None else norms.detach()))
+        if update_state:
+            self.update_from_batch(target_cos, norms)
         target_mask = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, labels[:, None], True)
         ctx = self.prepare(target_cos.detach(), norms)
         ctx["target_cos"] = target_cos

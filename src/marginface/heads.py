@@ -35,10 +35,12 @@ class MarginHead(nn.Module):
         check_size("num_classes", num_classes, minimum=2)
         check_size("embedding_size", embedding_size, minimum=1)
         self.num_classes, self.embedding_size = num_classes, embedding_size
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
-        nn.init.normal_(self.weight, std=0.01)  # only directions matter: the centres are normalised
         self.margin = margin
         self.engine = engines.resolve(engine, engine_params)
+        # The class ids whose centres this process holds (all of them, except under the sharded engine).
+        self.class_range: range = self.engine.shard(num_classes)
+        self.weight = nn.Parameter(torch.empty(len(self.class_range), embedding_size))
+        init_class_centres(self.weight, self.class_range, num_classes, seed=int(torch.randint(2**62, ())))
         self.batch_reduce: BatchReduce | None = None
         # Set record_statistics to have the next forward fill last_statistics (hard-negative fraction, mean
         # margin, t) for training reports; off by default because it costs a pass over the logits.
@@ -67,14 +69,35 @@ class MarginHead(nn.Module):
             )
         if labels.shape != (embeddings.shape[0],):
             raise ValueError(f"labels must have shape [{embeddings.shape[0]}], got {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {self.num_classes - 1}] (num_classes={self.num_classes}), "
-                f"got min {int(labels.min())} and max {int(labels.max())}"
-            )
+        self.engine.check_labels(labels, self.num_classes)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, engine={self.engine.name}"
+        shard = "" if len(self.class_range) == self.num_classes else f", class_range={self.class_range}"
+        return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
+                f"engine={self.engine.name}{shard}")
+
+
+# Class centres are drawn block by block, each block from its own seed: any sharding of the classes over
+# processes then holds exactly the rows one process would have drawn, so N ranks start from the same W as one.
+INIT_BLOCK = 2**14
+
+
+def init_class_centres(
+    weight: Tensor, class_range: range, num_classes: int, seed: int, std: float = 0.01
+) -> None:
+    """N(0, std²) centres for the classes ``class_range`` of ``num_classes`` (only directions matter: they are
+    normalised), the same rows whichever process holds them."""
+    rows_per_block = min(INIT_BLOCK, num_classes)
+    with torch.no_grad():
+        first, last = class_range.start // rows_per_block, (class_range.stop - 1) // rows_per_block
+        for block in range(first, last + 1):
+            generator = torch.Generator().manual_seed((seed + block * 1_000_003) % 2**63)
+            values = torch.randn(rows_per_block, weight.shape[1], generator=generator, dtype=torch.float32)
+            start, stop = block * rows_per_block, (block + 1) * rows_per_block
+            low, high = max(start, class_range.start), min(stop, class_range.stop)
+            if low < high:
+                rows = values[low - start : high - start].mul_(std)
+                weight[low - class_range.start : high - class_range.start].copy_(rows)
 
 
 class SoftmaxHead(nn.Module):

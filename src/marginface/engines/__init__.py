@@ -1,7 +1,8 @@
 """Engines produce the cosines between embeddings and class centres and reduce them into a margin's loss.
 
 ``dense`` materialises the [B, C] matrix (the reference every other engine is tested against); ``chunked``
-streams the classes in blocks and never holds [B, C]. docs/engines.md says which to pick.
+streams the classes in blocks and never holds [B, C]; ``sharded`` splits the classes over the ranks of a process
+group, and with ``partial`` samples them per step (Partial FC). docs/engines.md says which to pick.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from typing import Any
 from marginface.engines.base import ClassPass, Engine, margin_loss
 from marginface.engines.chunked import ChunkedEngine
 from marginface.engines.dense import DenseEngine, cosine_matrix
+from marginface.engines.sharded import PartialEngine, ShardedEngine, shard_range
 from marginface.errors import ConfigError
 
-ENGINES: dict[str, type[Engine]] = {"dense": DenseEngine, "chunked": ChunkedEngine}
+ENGINES: dict[str, type[Engine]] = {
+    "dense": DenseEngine, "chunked": ChunkedEngine, "partial": PartialEngine, "sharded": ShardedEngine,
+}
 # What heads and the trainer use unless told otherwise: the faster one at the sizes users train with
 # (docs/benchmarks.md, "heads"); the chunked engine is also the one whose memory does not grow with B·C.
 DEFAULT_ENGINE = "chunked"
@@ -68,10 +72,13 @@ __all__ = [
     "ClassPass",
     "DenseEngine",
     "Engine",
+    "PartialEngine",
+    "ShardedEngine",
     "available",
     "cosine_matrix",
     "create",
     "margin_loss",
     "option_names",
     "resolve",
+    "shard_range",
 ]

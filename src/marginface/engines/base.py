@@ -31,9 +31,12 @@ def inverse_norms(weight: Tensor) -> Tensor:
 
 
 def target_cosines(x_hat: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """cos θ_y per row by an indexed B·D dot product (no [B, C] work)."""
-    rows = weight[labels]
-    return (x_hat * rows).sum(1) * inverse_norms(rows)
+    """cos θ_y per row by an indexed B·D dot product (no [B, C] work); 0 where the label is −1 (a target that
+    lies in another shard)."""
+    elsewhere = labels < 0
+    rows = weight[labels.clamp_min(0)]
+    cos = (x_hat * rows).sum(1) * inverse_norms(rows)
+    return torch.where(elsewhere, torch.zeros_like(cos), cos)
 
 
 @dataclass
@@ -44,6 +47,7 @@ class ClassPass:
     negatives_lse: Tensor  # log Σ_{j≠y} e^{scale·N(c_j)} [B], carrying the gradient to x̂, W (and the scale)
     row_stats: dict[str, Tensor]  # the margin's row_reductions, combined over every class (no gradient)
     hard_count: Tensor | None  # negatives above ctx["threshold"] per row, when statistics were asked for
+    classes: int | Tensor | None = None  # the classes the pass saw (targets included); None: weight's rows
 
 
 class Engine:
@@ -62,6 +66,25 @@ class Engine:
     def options(self) -> dict[str, Any]:
         """The constructor arguments that recreate this engine (for configs and reports)."""
         return {name: getattr(self, name) for name in self.option_names()}
+
+    # -- what a head asks of its engine (single-process engines: every class, labels checked here) -----------
+    def shard(self, num_classes: int) -> range:
+        """The class ids whose centres this process holds: all of them, except in the sharded engine."""
+        return range(num_classes)
+
+    def check_labels(self, labels: Tensor, num_classes: int) -> None:
+        """Labels outside [0, num_classes) are a ValueError naming them (the sharded engine checks after its
+        all-gather, so that every rank raises together)."""
+        check_label_range(labels, num_classes)
+
+    # -- hooks of margin_loss for engines whose classes are spread over processes (identities here) ---------
+    def combine_targets(self, partial: Tensor) -> Tensor:
+        """cos θ_y from this process's part (every row's target is here: the identity)."""
+        return partial
+
+    def count_once(self, value: Any) -> Any:
+        """A value every process computes alike, whose gradient must reach shared inputs once (the identity)."""
+        return value
 
     def loss(
         self,
@@ -132,29 +155,31 @@ def margin_loss(
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         x_hat, weight, labels, norms = full_precision_inputs(margin, embeddings, weight, labels)
         with torch.no_grad():
-            detached_target = target_cosines(x_hat, weight, labels)
+            detached_target = engine.combine_targets(target_cosines(x_hat, weight, labels))
         margin.update_from_batch(detached_target, norms, batch_reduce)
-        ctx = margin.prepare(detached_target, norms)
+        ctx = margin.prepare(detached_target, engine.count_once(norms))
         scale = margin.row_scale(norms)
         if isinstance(scale, Tensor):
             scale = scale.reshape(-1)
         result = engine.class_pass(margin, x_hat, weight, labels, ctx, scale, statistics is not None)
         ctx["target_cos"] = result.target_cos
         ctx = margin.finish(ctx, {**result.row_stats, "negatives_lse": result.negatives_lse})
-        loss = margin.row_loss(ctx["target"] * scale, result.negatives_lse, ctx).mean()
+        loss = margin.row_loss(ctx["target"] * engine.count_once(scale), result.negatives_lse, ctx).mean()
         if statistics is not None:
-            record_statistics(statistics, margin, ctx, result.hard_count, weight.shape[0] - 1)
+            classes = weight.shape[0] if result.classes is None else result.classes
+            record_statistics(statistics, margin, ctx, result.hard_count, classes - 1)
         return loss
 
 
 def record_statistics(
-    statistics: dict[str, float], margin: Margin, ctx: RowContext, hard_count: Tensor | None, negatives: int
+    statistics: dict[str, float], margin: Margin, ctx: RowContext, hard_count: Tensor | None,
+    negatives: int | Tensor,
 ) -> None:
     """Fill ``statistics`` with the hard-negative fraction, the mean margin and t, where the margin has them."""
     with torch.no_grad():
         statistics["target_cos"] = float(ctx["target_cos"].mean())
         if hard_count is not None and "threshold" in ctx:
-            statistics["hard_fraction"] = float(hard_count.sum()) / max(1, hard_count.numel() * negatives)
+            statistics["hard_fraction"] = float(hard_count.sum()) / max(1.0, hard_count.numel() * float(negatives))
         if "margin" in ctx:
             statistics["margin_mean"] = float(ctx["margin"].mean())
         t = getattr(margin, "t", None)
@@ -170,6 +195,14 @@ def count_hard(cos: Tensor, ctx: RowContext, target_index: Tensor) -> Tensor | N
     count = (cos > threshold[:, None]).sum(1)
     target_is_hard = (target_index >= 0) & (ctx["target_cos"] > threshold)
     return count - target_is_hard.long()
+
+
+def check_label_range(labels: Tensor, num_classes: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes - 1}] (num_classes={num_classes}), "
+            f"got min {int(labels.min())} and max {int(labels.max())}"
+        )
 
 
 def check_int_option(engine: str, name: str, value: Any, minimum: int) -> int:

@@ -134,3 +134,30 @@ def small_cnn(
         dropout=dropout,
         channels_last=channels_last,
     )
+
+
+class LinearEmbedder(nn.Module):
+    """One linear map of the pixels to the embedding: no batch statistics, no randomness.
+
+    A baseline and a check: with it, N ranks × batch B train exactly like one process × batch N·B, which no
+    network with batch normalisation does (its statistics are per rank).
+    """
+
+    def __init__(self, embedding_size: int = 512, input_size: Any = 56) -> None:
+        super().__init__()
+        name = "linear"
+        self.embedding_size = check_embedding_size(name, embedding_size)
+        self.input_size = parse_size(name, "input_size", input_size)
+        self.config: dict[str, Any] = {"name": name, "embedding_size": self.embedding_size,
+                                       "input_size": list(self.input_size)}
+        self.fc = nn.Linear(3 * self.input_size[0] * self.input_size[1], self.embedding_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input("linear", x, self.input_size)
+        return self.fc(torch.flatten(x, 1))
+
+
+@register("linear")
+def linear(embedding_size: int = 512, input_size: Any = 56) -> LinearEmbedder:
+    """A linear map of the pixels (a baseline; trains identically on any number of ranks)."""
+    return LinearEmbedder(embedding_size=embedding_size, input_size=input_size)

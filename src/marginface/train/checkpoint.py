@@ -10,6 +10,7 @@ import io
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +67,18 @@ class CheckpointManager:
         torch.save(state, buffer)
         path = self.directory / f"step_{step:09d}.pt"
         atomic_write_bytes(path, buffer.getvalue())
-        # Old checkpoints go only after the new one is in place.
+        # Old checkpoints go only after the new one is in place (the main file first: it is what makes one).
         for old in self.checkpoints()[: -self.keep]:
             old.unlink(missing_ok=True)
+            shutil.rmtree(self.head_directory_of(old), ignore_errors=True)
         return path
+
+    def head_directory(self, step: int) -> Path:
+        """Where each rank writes the head rows of checkpoint ``step`` (sharded heads)."""
+        return self.directory / f"step_{step:09d}.head"
+
+    def head_directory_of(self, checkpoint: Path) -> Path:
+        return checkpoint.with_suffix(".head")
 
     def checkpoints(self) -> list[Path]:
         if not self.directory.is_dir():

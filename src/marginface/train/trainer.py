@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,25 +22,34 @@ from torch import nn
 from marginface import heads, models
 from marginface.errors import ConfigError, MarginfaceError, NonFiniteLossError
 from marginface.fileio import json_plain
-from marginface.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from marginface.train import head_rows
+from marginface.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from marginface.train.config import Config, config_from_dict, save_config
-from marginface.train.distributed import World, setup, teardown
+from marginface.train.distributed import World, scale_gradient, setup, teardown
 from marginface.train.optim import build_optimizer, learning_rate, set_learning_rate
 from marginface.train.reporting import RunLog, write_json, write_report
 
 
 class TrainingModule(nn.Module):
-    """Backbone and head as one module, so that one DistributedDataParallel wrapper syncs both."""
+    """Backbone and head as one module, so that one DistributedDataParallel wrapper syncs both.
 
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+    With a sharded head only the backbone is wrapped (``embedding_gradient_scale`` = the world size): the head's
+    loss is already the mean over the global batch, and DDP's average over ranks would divide its backbone
+    gradient by N once more.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, embedding_gradient_scale: float = 1.0) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.embedding_gradient_scale = embedding_gradient_scale
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, autocast_dtype: torch.dtype | None = None):
         with torch.autocast(images.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             embeddings = self.backbone(images)
+        if self.embedding_gradient_scale != 1.0:
+            embeddings = scale_gradient(embeddings, self.embedding_gradient_scale)
         return self.head(embeddings.float(), labels)  # the head is fp32 whatever the backbone ran in
 
 
@@ -90,7 +100,8 @@ def resolve_data(config: Config, world: World, progress: bool = True) -> tuple[s
 
 def build_model(config: Config, num_classes: int) -> TrainingModule:
     model_kwargs = dict(config.model.kwargs)
-    if config.data.image_size is not None and "input_size" not in model_kwargs and config.model.name == "small_cnn":
+    takes_size = config.model.name in ("small_cnn", "linear")
+    if config.data.image_size is not None and "input_size" not in model_kwargs and takes_size:
         model_kwargs["input_size"] = config.data.image_size
     backbone = models.create(config.model.name, embedding_size=config.model.embedding_size, **model_kwargs)
     head = heads.create(
@@ -178,6 +189,9 @@ class Trainer:
         self.module = build_model(config, self.dataset.num_classes).to(world.device)
         check_image_size(config, self.module.backbone, self.dataset.stored_size)
         self.module.head.batch_reduce = world.all_reduce_sum
+        # a sharded head holds only its classes: never under DDP, its rows checkpointed by every rank
+        self.sharded_head = bool(getattr(getattr(self.module.head, "engine", None), "uses_process_group", False))
+        self._write_checkpoints = write_outputs
         self.optimizer = build_optimizer([self.module], config.optimizer)
         self.scaler = torch.amp.GradScaler(world.device.type, enabled=config.train.precision == "fp16")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.precision]
@@ -198,16 +212,19 @@ class Trainer:
         self._batches = None  # the iterator of the epoch in progress
         self._resumed_mid_epoch = False
         if resume:
-            self.load_state_dict(self.checkpoints.load_latest())
+            self.load_state_dict(self._load_resumable_checkpoint())
             self.log.truncate_after(self.state.step)
             if world.is_main:
                 print(f"resumed {self.run_dir} at step {self.state.step} of {self.total_steps} "
                       f"(epoch {self.sampler.epoch})", flush=True)
         self.model: nn.Module = self.module
         if world.distributed:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.module, device_ids=[world.local_rank] if world.device.type == "cuda" else None
-            )
+            device_ids = [world.local_rank] if world.device.type == "cuda" else None
+            if self.sharded_head:
+                backbone = nn.parallel.DistributedDataParallel(self.module.backbone, device_ids=device_ids)
+                self.model = TrainingModule(backbone, self.module.head, embedding_gradient_scale=world.world_size)
+            else:
+                self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
         self.progress_bar = None
         if progress and world.is_main:
             from tqdm import tqdm
@@ -240,11 +257,74 @@ class Trainer:
         self._resumed_mid_epoch = True
 
     def save_checkpoint(self) -> None:
+        """Every rank writes its head rows (sharded heads), then rank 0 the main file: the checkpoint exists once
+        its main file does, so a kill at any moment leaves the previous one whole."""
         state = self.state_dict()
         state["rng"] = self.world.gather_objects(state["rng"][0])  # every process's generators
+        state["num_classes"] = self.dataset.num_classes
+        if self.sharded_head:
+            head = self.module.head
+            index = head_rows.parameter_index(self.optimizer, head.weight)
+            state["module"], state["optimizer"], rows = head_rows.split_rows(
+                state["module"], state["optimizer"], "head.weight", index, len(head.class_range))
+            if self._write_checkpoints:
+                head_rows.write_shard(self.checkpoints.head_directory(self.state.step), head.class_range,
+                                      head.num_classes, rows)
+            ranges = self.world.gather_objects([head.class_range.start, head.class_range.stop])
+            state["head_shards"] = {"num_classes": head.num_classes, "ranges": ranges}
+            self.world.barrier()
         if self.write_outputs:
             self.checkpoints.save(state, self.state.step)
         self.world.barrier()
+
+    def _load_resumable_checkpoint(self) -> dict[str, Any]:
+        """The newest checkpoint every rank can load (its head rows re-sharded for this world); a damaged one is
+        named and the one before it tried, so that a kill mid-write or a bad disk block costs one interval."""
+        tried = []
+        for path in reversed(self.checkpoints.checkpoints()):
+            state, error = None, None
+            try:
+                state = self._with_head_rows(load_checkpoint(path), path)
+            except MarginfaceError as exc:
+                error = str(exc)
+            if not self.world.any(error is not None):
+                if tried and self.world.is_main:
+                    print(f"resuming from {path.name}, the newest checkpoint that loads", file=sys.stderr)
+                return state
+            tried.append(error or f"{path}: another rank could not load its part")
+            if self.world.is_main:
+                print(f"{tried[-1]}; trying the checkpoint before it", file=sys.stderr)
+        if not tried:
+            raise MarginfaceError(f"no checkpoint to resume from in {self.checkpoints.directory} "
+                                  "(expected files named step_NNNNNNNNN.pt)")
+        raise MarginfaceError("no checkpoint could be loaded: " + "; ".join(tried))
+
+    def _with_head_rows(self, state: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The checkpoint with this process's head rows in place, whatever world size wrote it."""
+        saved = state.get("num_classes")
+        if saved is None and "head.weight" in state.get("module", {}):
+            saved = state["module"]["head.weight"].shape[0]
+        if saved is not None and saved != self.dataset.num_classes:
+            raise ConfigError(f"{path} was trained on {saved} classes, but this training set has "
+                              f"{self.dataset.num_classes}: resume with the run's own data")
+        head = self.module.head
+        if not isinstance(head, heads.MarginHead):
+            return state
+        index = head_rows.parameter_index(self.optimizer, head.weight)
+        wanted, num_classes = head.class_range, head.num_classes
+        if "head_shards" in state:
+            ranges = [range(start, stop) for start, stop in state["head_shards"]["ranges"]]
+            rows = head_rows.read_rows(self.checkpoints.head_directory_of(path), ranges, wanted, num_classes)
+        elif len(wanted) != num_classes:  # a whole head (one process, or replicated), resumed sharded
+            module_state, optimizer_state, rows = head_rows.split_rows(
+                state["module"], state["optimizer"], "head.weight", index, num_classes)
+            state = {**state, "module": module_state, "optimizer": optimizer_state}
+            rows = {name: value[wanted.start : wanted.stop] for name, value in rows.items()}
+        else:
+            return state
+        state["module"], state["optimizer"] = head_rows.join_rows(
+            state["module"], state["optimizer"], "head.weight", index, rows)
+        return state
 
     # -- training -------------------------------------------------------------------------------------------
     def _next_micro_batches(self) -> tuple[list, list[int]]:
@@ -297,7 +377,7 @@ class Trainer:
             micro_batches, indices = self._next_micro_batches()
             loss_value, nonfinite = optimizer_step(
                 self.model, self.module, self.optimizer, self.scaler, micro_batches, self.world,
-                self.autocast_dtype, config.train.grad_clip,
+                self.autocast_dtype, config.train.grad_clip, sharded_head=self.sharded_head,
             )
             if nonfinite:
                 self._skip(loss_value, indices)
@@ -398,12 +478,34 @@ class Trainer:
             "margin": dict(getattr(self.module.head, "last_statistics", {})),
             "margin_state_per_rank": margin_states,
         }
+        self.export_head()
         if self.write_outputs:
             export_model(self.module.backbone, self.run_dir / "model.safetensors")
             write_json(self.run_dir / "metrics.json", metrics)
             write_report(self.run_dir, metrics, self.config.to_dict())
         self.world.barrier()
         return metrics
+
+    def export_head(self) -> None:
+        """``head.safetensors``: the whole classifier [C, D] in class order (label ids), however it was sharded;
+        a sharded head is assembled from the last checkpoint's parts, one part in memory at a time."""
+        head = self.module.head
+        if not isinstance(head, heads.MarginHead) or not self.write_outputs:
+            return
+        metadata = {"num_classes": str(head.num_classes), "rows": "class centres in label order",
+                    "margin": head.margin.name, "step": str(self.state.step)}
+        path = self.run_dir / "head.safetensors"
+        if not self.sharded_head:
+            head_rows.write_head_safetensors(path, head.num_classes, [head.weight], metadata)
+            return
+        latest = self.checkpoints.latest()
+        if latest is None or latest.name != f"step_{self.state.step:09d}.pt":
+            return  # no checkpoint of this step to assemble from (a search, or checkpoints turned off)
+        state = load_checkpoint(latest)
+        ranges = [range(start, stop) for start, stop in state["head_shards"]["ranges"]]
+        directory = self.checkpoints.head_directory_of(latest)
+        parts = (head_rows.read_rows(directory, ranges, part, head.num_classes)["weight"] for part in ranges)
+        head_rows.write_head_safetensors(path, head.num_classes, parts, metadata)
 
     def close(self) -> None:
         if self.progress_bar is not None:
@@ -420,10 +522,12 @@ def optimizer_step(
     world: World,
     autocast_dtype: torch.dtype | None = None,
     grad_clip: float | None = None,
+    sharded_head: bool = False,
 ) -> tuple[float, bool]:
     """One optimiser step over accumulated micro-batches; returns (loss, skipped-as-non-finite).
 
     A non-finite loss or gradient on any rank skips the update on every rank (the decision is all-reduced).
+    With a sharded head the gradient norm (clipping, the finiteness test) includes every rank's head rows.
     """
     loss_value = 0.0
     for images, labels in micro_batches:
@@ -433,7 +537,9 @@ def optimizer_step(
         scaler.scale(loss).backward()
         loss_value += float(loss.detach())
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip if grad_clip else float("inf"))
+    grad_norm = global_grad_norm(module, world, sharded_head)
+    if grad_clip:
+        torch.nn.utils.clip_grads_with_norm_(module.parameters(), grad_clip, grad_norm)
     finite_loss = not world.any(not math.isfinite(loss_value))
     finite_grad = not world.any(not bool(torch.isfinite(grad_norm)))
     if finite_loss and finite_grad:
@@ -444,6 +550,20 @@ def optimizer_step(
     # step and lowers the scale. Anything else non-finite is a real problem for the guard.
     overflow = scaler.is_enabled() and finite_loss and not finite_grad
     return loss_value, not (finite_loss and finite_grad) and not overflow
+
+
+def global_grad_norm(module: TrainingModule, world: World, sharded_head: bool) -> torch.Tensor:
+    """‖∇‖ over every parameter of the model: the backbone's (the same on every rank after DDP) and, for a
+    sharded head, the sum of every rank's head-row squares (one all-reduce)."""
+    head_weight = getattr(module.head, "weight", None) if sharded_head else None
+    grads = [p.grad for p in module.parameters() if p.grad is not None and p is not head_weight]
+    squared = torch.nn.utils.get_total_norm(grads).pow(2) if grads else torch.zeros((), device=world.device)
+    if head_weight is not None and head_weight.grad is not None:
+        own = head_weight.grad.detach().float().pow(2).sum()
+        if world.distributed:
+            torch.distributed.all_reduce(own)
+        squared = squared.float() + own
+    return squared.sqrt()
 
 
 def export_model(backbone: nn.Module, path: Path) -> None:

@@ -89,7 +89,10 @@ class ShardedEngine(ChunkedEngine):
         return shard
 
     def check_labels(self, labels: Tensor, num_classes: int) -> None:
-        """Checked in ``loss`` on the gathered labels, so that a bad label on one rank stops every rank."""
+        """On one process as every engine does; across ranks in ``loss``, on the gathered labels, so that a bad
+        label on one rank stops every rank."""
+        if self.process()[1] == 1:
+            super().check_labels(labels, num_classes)
 
     def loss(
         self,
@@ -115,7 +118,7 @@ class ShardedEngine(ChunkedEngine):
             embeddings = GatherBatch.apply(embeddings)
             labels = gather_labels(labels)
             batch_reduce = None  # the batch statistics are those of the gathered batch already
-        check_gathered_labels(labels, self.num_classes, world)
+            check_gathered_labels(labels, self.num_classes, world)
         start, stop = self.class_range.start, self.class_range.stop
         local = torch.where((labels >= start) & (labels < stop), labels - start, -1)
         sample = sample_classes(local, len(self.class_range), self.sample_rate)
@@ -226,9 +229,8 @@ def check_gathered_labels(labels: Tensor, num_classes: int, world: int) -> None:
     if labels.numel() and bool(bad.any()):
         first = int(bad.nonzero()[0, 0])
         rows = labels.shape[0] // world
-        where = f" on rank {first // rows} (its sample {first % rows})" if world > 1 else f" (sample {first})"
-        raise ValueError(f"label {int(labels[first])}{where} is outside [0, {num_classes - 1}] "
-                         f"(num_classes={num_classes})")
+        raise ValueError(f"label {int(labels[first])} on rank {first // rows} (its sample {first % rows}) is "
+                         f"outside [0, {num_classes - 1}] (num_classes={num_classes})")
 
 
 class GatherBatch(torch.autograd.Function):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from marginface import heads, models
+from marginface import engines, heads, models
 from marginface.errors import ConfigError, MarginfaceError, NonFiniteLossError
 from marginface.fileio import json_plain
 from marginface.train import head_rows
@@ -270,7 +270,7 @@ class Trainer:
             if self._write_checkpoints:
                 head_rows.write_shard(self.checkpoints.head_directory(self.state.step), head.class_range,
                                       head.num_classes, rows)
-            ranges = self.world.gather_objects([head.class_range.start, head.class_range.stop])
+            ranges = [[part.start, part.stop] for part in self._head_ranges()]
             state["head_shards"] = {"num_classes": head.num_classes, "ranges": ranges}
             self.world.barrier()
         if self.write_outputs:
@@ -501,11 +501,15 @@ class Trainer:
         latest = self.checkpoints.latest()
         if latest is None or latest.name != f"step_{self.state.step:09d}.pt":
             return  # no checkpoint of this step to assemble from (a search, or checkpoints turned off)
-        state = load_checkpoint(latest)
-        ranges = [range(start, stop) for start, stop in state["head_shards"]["ranges"]]
+        ranges = self._head_ranges()
         directory = self.checkpoints.head_directory_of(latest)
         parts = (head_rows.read_rows(directory, ranges, part, head.num_classes)["weight"] for part in ranges)
         head_rows.write_head_safetensors(path, head.num_classes, parts, metadata)
+
+    def _head_ranges(self) -> list[range]:
+        """Every rank's classes of a sharded head (derived: the split is a function of C and the world size)."""
+        return [engines.shard_range(self.module.head.num_classes, rank, self.world.world_size)
+                for rank in range(self.world.world_size)]
 
     def close(self) -> None:
         if self.progress_bar is not None:

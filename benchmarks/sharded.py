@@ -171,12 +171,14 @@ def print_steps(args: argparse.Namespace) -> None:
 
 # -- Partial FC's sampling cost (spec/perf.md C3) ------------------------------------------------------------
 def print_sampling(args: argparse.Namespace) -> None:
+    """Partial FC's overhead: one step of the ``partial`` engine (draw, blockwise gather of the kept rows, their
+    gradient into the reused [C, D] buffer) against the chunked engine on an already gathered W_kept."""
     torch.set_num_threads(os.cpu_count() or 2)
     batch, dim = args.batch_size, args.dim
     print(f"Partial FC on one process, ArcFace, B = {batch}, D = {dim}, fp32; median of {args.steps} steps")
-    print("| C_local | r | kept | head fwd+bwd s | sampling s (draw + gather W + scatter dW) | share | "
-          "SGD dense s | SGD on kept rows s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| C_local | r | kept | partial step s | chunked on W_kept s | sampling s (difference) | draw s | share | "
+          "SGD dense s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for classes in args.classes:
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(classes, dim, generator=generator).mul_(0.01).requires_grad_(True)
@@ -185,38 +187,36 @@ def print_sampling(args: argparse.Namespace) -> None:
         embeddings = torch.randn(batch, dim, generator=generator)
         margin = mf.margins.create("arcface")
         for rate in args.rates:
-            engine = mf.engines.create("partial", sample_rate=rate)
-            head_times, sample_times, dense_sgd, sparse_sgd, kept = [], [], [], [], 0
+            partial, chunked = mf.engines.create("partial", sample_rate=rate), mf.engines.create("chunked")
+            times: dict[str, list[float]] = {"partial": [], "kept": [], "draw": [], "sgd": []}
+            kept = 0
             for step in range(args.steps + 1):
                 start = time.perf_counter()
                 sample = sample_classes(labels, classes, rate)
-                rows = weight[sample.index]
-                rows.backward(torch.ones_like(rows))  # the scatter of dW into the full [C, D] gradient
-                sampling = time.perf_counter() - start
+                draw = time.perf_counter() - start
                 kept = len(sample.index)
+                leaf = weight.detach()[sample.index].requires_grad_(True)
+                start = time.perf_counter()
+                chunked.loss(margin, embeddings.clone().requires_grad_(True), leaf, sample.labels).backward()
+                on_kept = time.perf_counter() - start
                 weight.grad = None
                 start = time.perf_counter()
-                engine.loss(margin, embeddings.clone().requires_grad_(True), weight, labels).backward()
-                head = time.perf_counter() - start
+                partial.loss(margin, embeddings.clone().requires_grad_(True), weight, labels).backward()
+                step_time = time.perf_counter() - start
                 with torch.no_grad():
                     start = time.perf_counter()
                     momentum.mul_(0.9).add_(weight.grad)
                     weight.sub_(momentum, alpha=1e-6)
-                    dense = time.perf_counter() - start
-                    start = time.perf_counter()
-                    index = sample.index
-                    momentum[index] = momentum[index].mul_(0.9).add_(weight.grad[index])
-                    weight[index] -= 1e-6 * momentum[index]
-                    sparse = time.perf_counter() - start
+                    sgd = time.perf_counter() - start
                 weight.grad = None
                 if step:
-                    head_times.append(head)
-                    sample_times.append(sampling)
-                    dense_sgd.append(dense)
-                    sparse_sgd.append(sparse)
-            head, sampling = statistics.median(head_times), statistics.median(sample_times)
-            print(f"| {classes:,} | {rate} | {kept:,} | {head:.3f} | {sampling:.4f} | {100 * sampling / head:.1f} % | "
-                  f"{statistics.median(dense_sgd):.3f} | {statistics.median(sparse_sgd):.3f} |", flush=True)
+                    for key, value in zip(times, (step_time, on_kept, draw, sgd), strict=True):
+                        times[key].append(value)
+            median = {key: statistics.median(values) for key, values in times.items()}
+            extra = median["partial"] - median["kept"]
+            print(f"| {classes:,} | {rate} | {kept:,} | {median['partial']:.3f} | {median['kept']:.3f} | "
+                  f"{extra:.4f} | {median['draw']:.4f} | {100 * extra / median['partial']:.1f} % | "
+                  f"{median['sgd']:.3f} |", flush=True)
         del weight, momentum
 
 

@@ -46,6 +46,50 @@ def test_partial_equals_dense_on_the_kept_classes_and_leaves_the_rest_untouched(
     assert torch.count_nonzero(gw_p[dropped]) == 0, "a sampled-out class got a gradient"
 
 
+def dense_on_kept(name, x, weight, labels, kept):
+    """dW of the dense engine on the kept classes only, scattered back to all of W (float64 reference)."""
+    renumber = {int(c): i for i, c in enumerate(kept)}
+    sub = weight.detach()[kept].clone().requires_grad_(True)
+    loss = engines.create("dense").loss(mf.margins.create(name).double(), x, sub,
+                                        torch.tensor([renumber[int(y)] for y in labels]))
+    full = torch.zeros_like(weight)
+    full[kept] = torch.autograd.grad(loss, sub)[0]
+    return full
+
+
+@pytest.mark.parametrize("name", ["arcface", "npcface"])
+def test_partial_gradient_buffer_is_reused_exactly_across_steps(name):
+    """The trainer's habit (W.grad set to None each step, one W): each step's dW equals a fresh dense reference,
+    rows kept only last step are cleared, a gradient the caller still holds is never overwritten, and two
+    backwards without clearing add up."""
+    x, weight, labels = data(rows=6, classes=60, seed=2)
+    weight = weight.clone().requires_grad_(True)
+    engine = engines.create("partial", sample_rate=0.2, chunk_size=7)
+    grads, kept_sets = [], []
+    for step in range(3):
+        torch.manual_seed(100 + step)
+        kept_sets.append(sample_classes(labels, 60, 0.2).index)
+        torch.manual_seed(100 + step)
+        weight.grad = None
+        engine.loss(mf.margins.create(name).double(), x, weight, labels).backward()
+        expected = dense_on_kept(name, x, weight, labels, kept_sets[-1])
+        torch.testing.assert_close(weight.grad, expected, rtol=1e-10, atol=1e-14)
+        grads.append((weight.grad, weight.grad.clone()))
+        if step == 0:
+            weight.grad = None  # steps 1 and 2 run with nothing held: the buffer is written in place
+            grads.pop()
+    assert len(set(kept_sets[1].tolist()) ^ set(kept_sets[2].tolist())) > 0, "the draws should differ"
+    held, copy = grads[0]
+    assert torch.equal(held, copy), "a gradient still held by the caller was overwritten by the next step"
+    # accumulation: two backwards into one W.grad
+    weight.grad = None
+    for step in (0, 1):
+        torch.manual_seed(100 + step)
+        engine.loss(mf.margins.create(name).double(), x, weight, labels).backward()
+    total = sum(dense_on_kept(name, x, weight, labels, kept_sets[step]) for step in (0, 1))
+    torch.testing.assert_close(weight.grad, total, rtol=1e-10, atol=1e-14)
+
+
 def test_sampling_keeps_positives_and_draws_the_rest_uniformly():
     torch.manual_seed(0)
     labels = torch.tensor([3, 3, 7, -1, 19])  # −1: a target in another shard

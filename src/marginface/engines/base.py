@@ -118,6 +118,11 @@ class Engine:
             logits, _ = margin.reference(cos, labels, norms=norms, update_state=False)
             return logits
 
+    def pass_rows(self) -> tuple[Tensor | None, Any]:
+        """The rows of W this step's class pass sees (None: all of them, in order; labels are then positions
+        among them) and the buffer their gradient goes to (Partial FC's ``GradientBuffer``)."""
+        return None, None
+
     def class_pass(
         self,
         margin: Margin,
@@ -155,7 +160,9 @@ def margin_loss(
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         x_hat, weight, labels, norms = full_precision_inputs(margin, embeddings, weight, labels)
         with torch.no_grad():
-            detached_target = engine.combine_targets(target_cosines(x_hat, weight, labels))
+            rows, _ = engine.pass_rows()
+            own_labels = labels if rows is None else rows_of(rows, labels)
+            detached_target = engine.combine_targets(target_cosines(x_hat, weight, own_labels))
         margin.update_from_batch(detached_target, norms, batch_reduce)
         ctx = margin.prepare(detached_target, engine.count_once(norms))
         scale = margin.row_scale(norms)
@@ -195,6 +202,11 @@ def count_hard(cos: Tensor, ctx: RowContext, target_index: Tensor) -> Tensor | N
     count = (cos > threshold[:, None]).sum(1)
     target_is_hard = (target_index >= 0) & (ctx["target_cos"] > threshold)
     return count - target_is_hard.long()
+
+
+def rows_of(rows: Tensor, labels: Tensor) -> Tensor:
+    """Positions among the kept ``rows`` back to W's row ids (−1 stays −1: the target lies elsewhere)."""
+    return torch.where(labels >= 0, rows[labels.clamp_min(0)], labels)
 
 
 def check_label_range(labels: Tensor, num_classes: int) -> None:

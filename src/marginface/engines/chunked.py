@@ -16,8 +16,10 @@ from marginface.engines.base import (
     check_number_option,
     count_hard,
     inverse_norms,
+    rows_of,
     target_cosines,
 )
+from marginface.engines.sampling import GradientBuffer
 from marginface.margins.base import PAIRWISE_REDUCERS, Margin, RowContext
 
 # chunk_size=None picks BLOCK_ELEMENTS / B classes (a power of two, at least MIN_CHUNK): measured on 2 CPU
@@ -59,11 +61,13 @@ class ChunkedEngine(Engine):
         scale_value = None if isinstance(scale, Tensor) else float(scale)
         inputs = (x_hat, weight) if scale_tensor is None else (x_hat, weight, scale_tensor)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-        keep = needs_grad and x_hat.shape[0] * weight.shape[0] * x_hat.element_size() <= self.keep_mb * 2**20
+        rows, gradient = self.pass_rows()
+        classes = weight.shape[0] if rows is None else rows.shape[0]
+        keep = needs_grad and x_hat.shape[0] * classes * x_hat.element_size() <= self.keep_mb * 2**20
         count_hard_negatives = count_hard_negatives and "threshold" in ctx  # margins without one have no count
         target_cos, negatives_lse, hard, *stats = ChunkedClassPass.apply(
             x_hat, weight, scale_tensor, labels, margin, ctx, scale_value,
-            self.block_classes(x_hat.shape[0]), keep, needs_grad, count_hard_negatives,
+            self.block_classes(x_hat.shape[0]), keep, needs_grad, count_hard_negatives, rows, gradient,
         )  # fmt: skip
         hard_count = hard if count_hard_negatives else None
         return ClassPass(target_cos, negatives_lse, dict(zip(keys, stats, strict=True)), hard_count)
@@ -80,6 +84,12 @@ def block_target_index(labels: Tensor, start: int, stop: int) -> Tensor:
     """Each row's target column inside classes [start, stop), −1 where the target lies elsewhere."""
     inside = (labels >= start) & (labels < stop)
     return torch.where(inside, labels - start, -1)
+
+
+def class_block(weight: Tensor, rows: Tensor | None, start: int, stop: int) -> Tensor:
+    """Classes [start, stop) of the pass: W's own rows, or the kept rows ``rows[start:stop]`` gathered (a block
+    at a time, so the kept [C_kept, D] matrix is never copied whole)."""
+    return weight[start:stop] if rows is None else weight[rows[start:stop]]
 
 
 def mask_targets(z: Tensor, target_index: Tensor, value: float | Tensor) -> None:
@@ -116,6 +126,10 @@ class ChunkedClassPass(torch.autograd.Function):
     so the target's gradient rides on the same two GEMMs and dW is written once, block by block. The backward
     recomputes e from the saved m_b and L (4 GEMMs in all) unless the forward kept e·N' within the byte budget
     (3 GEMMs). NaN and ±inf propagate into L (the trainer's guard sees a non-finite loss).
+
+    With ``rows`` (Partial FC's kept classes, sorted) the pass runs over W[rows] only, gathering each block as it
+    goes; the labels are positions in ``rows`` and dW lands in the rows ``rows`` of a reused buffer
+    (``GradientBuffer``), zero elsewhere.
     """
 
     @staticmethod
@@ -132,22 +146,26 @@ class ChunkedClassPass(torch.autograd.Function):
         keep: bool,
         needs_grad: bool,
         count_hard_negatives: bool,
+        rows: Tensor | None = None,
+        gradient: GradientBuffer | None = None,
     ):
-        batch, classes = x_hat.shape[0], weight.shape[0]
+        batch = x_hat.shape[0]
+        classes = weight.shape[0] if rows is None else rows.shape[0]
         row_scale = scale_tensor[:, None] if scale_tensor is not None else scale_value
         # the plain path (ArcFace, CosFace, ...) scales the product once in place and does nothing else per block
         plain = margin.identity_negatives and not margin.row_reductions and scale_tensor is None
         plain = plain and not count_hard_negatives
-        target_cos = target_cosines(x_hat, weight, labels)
+        target_cos = target_cosines(x_hat, weight, labels if rows is None else rows_of(rows, labels))
         lse = x_hat.new_full((batch,), float("-inf"))
         stats: dict[str, Tensor] = {}
         hard = x_hat.new_zeros(batch, dtype=torch.long)
         block_max, block_dot, kept = [], [], []
         for start in range(0, classes, chunk_size):
             stop = min(start + chunk_size, classes)
-            inv = inverse_norms(weight[start:stop])
+            block = class_block(weight, rows, start, stop)
+            inv = inverse_norms(block)
             target_index = block_target_index(labels, start, stop)
-            product = x_hat @ weight[start:stop].t()
+            product = x_hat @ block.t()
             if plain:
                 z, values, slope = product.mul_(inv * scale_value), None, 1.0
             else:
@@ -175,27 +193,30 @@ class ChunkedClassPass(torch.autograd.Function):
             block_max = torch.stack(block_max, 1)
             # ds_i = Σ_j q_ij N_ij, from each block's Σ_j e_ij N_ij and its shift once L is final
             scale_dot = (torch.stack(block_dot, 1) * torch.exp(block_max - lse[:, None])).sum(1) if block_dot else None
-            ctx.save_for_backward(x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot)
-            ctx.kept, ctx.margin, ctx.row_ctx = kept, margin, row_ctx
+            ctx.save_for_backward(x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows)
+            ctx.kept, ctx.margin, ctx.row_ctx, ctx.gradient = kept, margin, row_ctx, gradient
             ctx.scale_value, ctx.chunk_size, ctx.plain = scale_value, chunk_size, plain
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, grad_target: Tensor | None, grad_lse: Tensor | None, *unused):
-        x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot = ctx.saved_tensors
+        x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows = ctx.saved_tensors
         margin, row_ctx, kept = ctx.margin, ctx.row_ctx, ctx.kept
         row_scale = scale_tensor[:, None] if scale_tensor is not None else ctx.scale_value
+        classes = weight.shape[0] if rows is None else rows.shape[0]
         grad_x = torch.zeros_like(x_hat)
-        # every block writes its rows, so no fill (a [C, D] fill costs as much as a GEMM here)
-        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # every block writes its rows, so no fill (a [C, D] fill costs as much as a GEMM here)
+            grad_w = torch.empty_like(weight) if rows is None else ctx.gradient.begin(weight, rows)
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
         # g_L·s·exp(m_b − L) per block turns e into the gradient; m_b <= L, so it never overflows
         coefficients = (grad_lse * (scale_tensor if scale_tensor is not None else ctx.scale_value))[:, None]
         coefficients = coefficients * torch.exp(block_max - lse[:, None])
-        for b, start in enumerate(range(0, weight.shape[0], ctx.chunk_size)):
-            stop = min(start + ctx.chunk_size, weight.shape[0])
-            block = weight[start:stop]
+        for b, start in enumerate(range(0, classes, ctx.chunk_size)):
+            stop = min(start + ctx.chunk_size, classes)
+            block = class_block(weight, rows, start, stop)
             inv = inverse_norms(block)
             target_index = block_target_index(labels, start, stop)
             if kept:
@@ -217,11 +238,13 @@ class ChunkedClassPass(torch.autograd.Function):
             grad_x.addmm_(grad_cos, block)
             if grad_w is not None:
                 # written in place: [chunk, D] temporaries would each be fresh pages to fault in
-                u = torch.mm(grad_cos.t(), x_hat, out=grad_w[start:stop])
+                u = torch.mm(grad_cos.t(), x_hat, out=grad_w[start:stop] if rows is None else None)
                 along = torch.bmm(u.unsqueeze(1), block.unsqueeze(2)).view(-1)  # (U ⊙ W_b)·1 without a temporary
                 u.addcmul_((along * inv * inv)[:, None], block, value=-1.0)
+                if rows is not None:
+                    grad_w.index_copy_(0, rows[start:stop], u)
         grad_scale = grad_lse * scale_dot if scale_dot is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_scale, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_scale, *(None,) * 10
 
 
 def finite_shift(top: Tensor) -> Tensor:

@@ -55,3 +55,45 @@ def sample_classes(local_labels: Tensor, num_local: int, sample_rate: float) -> 
     renumber[index] = torch.arange(keep, device=device)
     labels = torch.where(inside, renumber[local_labels.clamp_min(0)], local_labels)
     return ClassSample(index, labels)
+
+
+class GradientBuffer:
+    r"""The [C_local, D] gradient of W that a sampling engine reuses between steps: zero outside the kept rows.
+
+        ∂L/∂W[c] = ∂L/∂W_kept[k]  where index[k] = c,   0 for every class not kept.
+
+    A sampled step writes only its kept rows after clearing last step's, instead of allocating and zero-filling a
+    fresh [C_local, D] tensor (which on CPU costs more than the draw and the head's epilogue together;
+    docs/benchmarks.md, C3). The gradient handed to autograd shares the buffer's memory (W.grad adopts it), so
+    the buffer is reused only once nothing outside it still refers to that memory: after ``zero_grad`` (set to
+    None, the trainer's habit) the next step writes in place; while last step's gradient is still held (kept by
+    the caller, or W.grad not cleared) a fresh one is allocated. When W already holds a gradient (accumulation
+    over several backwards) or a graph of the gradient is being built, the fresh zero tensor is what autograd
+    adds, so accumulating into ``W.grad`` stays exact.
+    """
+
+    def __init__(self) -> None:
+        self.full: Tensor | None = None
+        self.rows: Tensor | None = None  # the rows holding last step's values
+
+    def begin(self, weight: Tensor, rows: Tensor) -> Tensor:
+        """A [C_local, D] gradient, zero everywhere; the caller writes the rows ``rows``."""
+        if weight.grad is not None or torch.is_grad_enabled():
+            return torch.zeros_like(weight)
+        full = self.full
+        if full is None or full.shape != weight.shape or full.dtype != weight.dtype or full.device != weight.device \
+                or not only_reference(full):
+            full = self.full = torch.zeros_like(weight)
+        elif self.rows is not None:
+            full.index_fill_(0, self.rows, 0)
+        self.rows = rows
+        return full.view_as(full)  # a fresh tensor on the same memory, which autograd adopts as W.grad
+
+
+def only_reference(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is the only tensor on its memory (no gradient handed out from it is alive any more)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # a torch without the counter: never reuse (always exact, only slower)
+        return False
+    storage = tensor.untyped_storage()
+    return use_count(storage._cdata) <= 2  # the tensor and the ``storage`` object just made

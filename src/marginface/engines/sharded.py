@@ -16,7 +16,7 @@ from torch import Tensor
 
 from marginface.engines.base import ClassPass, margin_loss
 from marginface.engines.chunked import DEFAULT_KEEP_MB, ChunkedEngine
-from marginface.engines.sampling import check_sample_rate, sample_classes
+from marginface.engines.sampling import GradientBuffer, check_sample_rate, sample_classes
 from marginface.errors import ConfigError
 from marginface.margins.base import BatchReduce, Margin, RowContext
 
@@ -70,6 +70,8 @@ class ShardedEngine(ChunkedEngine):
         self.class_range: range | None = None
         self._world = (0, 1)
         self._global_target: Tensor | None = None
+        self._rows: Tensor | None = None  # this step's kept classes (Partial FC), None: all
+        self._gradient = GradientBuffer()  # Partial FC's reused gradient of W
 
     def process(self) -> tuple[int, int]:
         return process_group_size() if self.uses_process_group else (0, 1)
@@ -122,9 +124,14 @@ class ShardedEngine(ChunkedEngine):
         start, stop = self.class_range.start, self.class_range.stop
         local = torch.where((labels >= start) & (labels < stop), labels - start, -1)
         sample = sample_classes(local, len(self.class_range), self.sample_rate)
-        if sample.index is not None:
-            weight = weight[sample.index]
-        return margin_loss(self, margin, embeddings, weight, sample.labels, batch_reduce, statistics)
+        self._rows = sample.index
+        try:
+            return margin_loss(self, margin, embeddings, weight, sample.labels, batch_reduce, statistics)
+        finally:
+            self._rows = None
+
+    def pass_rows(self) -> tuple[Tensor | None, GradientBuffer]:
+        return self._rows, self._gradient
 
     # -- the hooks of margin_loss -------------------------------------------------------------------------
     def combine_targets(self, partial: Tensor) -> Tensor:
@@ -151,7 +158,7 @@ class ShardedEngine(ChunkedEngine):
         count_hard_negatives: bool,
     ) -> ClassPass:
         local = super().class_pass(margin, x_hat, weight, labels, ctx, scale, count_hard_negatives)
-        local.classes = weight.shape[0]
+        local.classes = weight.shape[0] if self._rows is None else self._rows.shape[0]
         if self._world[1] == 1:
             return local
         global_target, self._global_target = self._global_target, None

@@ -11,7 +11,7 @@ import pytest
 import marginface as mf
 from marginface.cli import main
 
-TINY = ["data.synthetic.identities=16", "data.synthetic.images_per_id=6", "data.synthetic.pairs_per_set=40",
+TINY = ["data.synthetic.identities=16", "data.synthetic.images_per_id=6", "data.synthetic.pairs_per_set=200",
         "train.batch_size=16", "data.num_workers=0", "train.eval_every=0", "train.max_steps=6", "train.threads=1"]
 
 
@@ -37,14 +37,17 @@ def test_eval_run_directory_reproduces_training_metrics(run_dir, capsys):
     results = json.loads(capsys.readouterr().out)
     trained = json.loads((run_dir / "metrics.json").read_text())["verification"]
     assert set(results["verification"]) == set(trained) == {"synth_lfw", "synth_cfp_fp", "synth_agedb", "synth_hard"}
-    for name, result in results["verification"].items():
-        assert result["accuracy"] == pytest.approx(trained[name]["accuracy"], abs=1e-12)
-        assert result["xnorm"] == pytest.approx(trained[name]["xnorm"], rel=1e-5)
+    # one scorer: the training report's table and eval's are the same table, entry for entry
+    assert results["verification"] == trained
+    for result in trained.values():  # 200 pairs, 100 impostors: only FAR = 0.1 has ten impostors below it
+        assert result["impostors"] == 100 and set(result["tar_at_far"]) == {"0.1"}
+    report = (run_dir / "report.md").read_text()
+    assert "TAR@FAR=0.1 |" in report and "TAR@FAR=0.01" not in report
     assert json.loads((run_dir / "eval.json").read_text())["verification"] == results["verification"]
 
 
 def test_eval_table_and_plots(run_dir, tmp_path, capsys):
-    pairs = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=40, ijb=False).pairs
+    pairs = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=200, ijb=False).pairs
     assert main(["eval", str(run_dir / "model.safetensors"), "--pairs", str(pairs["synth_lfw"]),
                  str(pairs["synth_hard"]), "--plot", str(tmp_path / "plots"), "--output",
                  str(tmp_path / "r.json")]) == 0
@@ -57,7 +60,7 @@ def test_eval_table_and_plots(run_dir, tmp_path, capsys):
 
 def test_scores_do_not_depend_on_batch_size(run_dir):
     model = mf.eval.loading.load_model(run_dir)
-    pairs = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=40, ijb=False).pairs
+    pairs = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=200, ijb=False).pairs
     images = mf.eval.load_pairs(pairs["synth_lfw"]).images[:20]
     one, _ = mf.eval.embed_images(model, images, batch_size=1)
     many, _ = mf.eval.embed_images(model, images, batch_size=64)
@@ -69,7 +72,7 @@ def test_export_onnx_with_parity_and_eval(run_dir, tmp_path, capsys):
     assert main(["export", str(run_dir), "--onnx", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert out.exists() and report["max_abs_difference"] < 1e-4 and report["parity_images"] == 32
-    pairs = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=40, ijb=False).pairs
+    pairs = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=200, ijb=False).pairs
     results = []
     for model in (str(out), str(run_dir)):
         assert main(["eval", model, "--pairs", str(pairs["synth_agedb"]), "--json", "--batch-size", "7"]) == 0
@@ -78,7 +81,7 @@ def test_export_onnx_with_parity_and_eval(run_dir, tmp_path, capsys):
 
 
 def test_eval_ijb_tree(run_dir, capsys):
-    built = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=40, ijb=True, ijb_identities=8)
+    built = mf.data.synthetic(identities=16, images_per_id=6, pairs_per_set=200, ijb=True, ijb_identities=8)
     assert main(["eval", str(run_dir), "--ijb", str(built.ijb), "--target", "IJBC", "--json"]) == 0
     ijb = json.loads(capsys.readouterr().out)["ijb"]["IJBC"]
     assert ijb["mode"] == "N1D1F1" and ijb["templates"] > 0 and 0.0 <= ijb["auc"] <= 1.0

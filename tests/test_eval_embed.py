@@ -101,7 +101,8 @@ def test_evaluate_pairs_against_independent_scoring():
     cos = np.sum(emb[0::2] * emb[1::2], axis=1)
     ref = ev.kfold_accuracy(cos, issame)
     assert got["accuracy"] == pytest.approx(ref["accuracy"]) and got["name"] == "toy" and got["pairs"] == n_pairs
-    assert got["xnorm"] > 0 and set(got["tar_at_far"]) == {1e-3, 1e-2}
+    # ~20 impostors: no FAR level has ten impostors below it, so none is reported
+    assert got["xnorm"] > 0 and got["tar_at_far"] == {} and got["impostors"] == int((~issame).sum())
 
 
 def test_evaluate_real_small_lfw():

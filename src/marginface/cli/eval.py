@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pairs", nargs="+", metavar="FILE_OR_DIR", help=".bin pair files or directories of them")
     parser.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                         help="fuse the embeddings of each image and its mirror (default on)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward (default: the trainer's, 64)")
     parser.add_argument("--device", default="cpu", help="torch device for .safetensors models (default cpu)")
     parser.add_argument("--ijb", metavar="ROOT", help="IJB tree with loose_crop/ and meta/")
     parser.add_argument("--target", choices=("IJBB", "IJBC"), default="IJBC")
@@ -46,6 +47,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from marginface.eval.loading import load_model
 
+    if args.batch_size is None:
+        from marginface.eval.verification import DEFAULT_BATCH_SIZE
+
+        args.batch_size = DEFAULT_BATCH_SIZE
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
     if not os.path.exists(args.model):
@@ -56,15 +61,15 @@ def run(args: argparse.Namespace) -> int:
     if not pair_paths and not args.ijb:
         raise ValueError("nothing to score: give --pairs FILE_OR_DIR and/or --ijb ROOT")
     # Read every input before the (slow) model runs, so that a bad file fails at once.
-    from marginface.eval import load_pairs
+    from marginface.eval import evaluate_pairs, load_pairs
 
     pair_sets = [load_pairs(path) for path in pair_paths]
     model = load_model(args.model, device=args.device)
     results: dict = {"model": str(args.model), "verification": {}}
     scores_for_plots = {}
     for pair_set in pair_sets:
-        result, scores = score_pairs(model, pair_set, args.batch_size, args.flip)
-        results["verification"][pair_set.name] = result
+        result, scores = evaluate_pairs(model, pair_set, args.batch_size, args.flip, return_scores=True)
+        results["verification"][pair_set.name] = json_plain(result)
         scores_for_plots[pair_set.name] = (scores, pair_set.issame)
     if args.ijb:
         from marginface.eval import evaluate_ijb
@@ -110,20 +115,6 @@ def resolve_pairs(args: argparse.Namespace) -> list[str]:
     return [str(built.pairs[name]) for name in sorted(built.pairs)]
 
 
-def score_pairs(model, pair_set, batch_size: int, flip: bool):
-    from marginface.eval import embed_images, kfold_accuracy, pair_scores, tar_at_far
-
-    embeddings, norm = embed_images(model, pair_set.images, batch_size=batch_size, flip=flip)
-    scores = pair_scores(embeddings)
-    issame = pair_set.issame
-    result = kfold_accuracy(scores, issame, folds=min(10, issame.size))
-    result["xnorm"] = norm
-    result["pairs"] = int(issame.size)
-    if issame.any() and not issame.all():
-        result["tar_at_far"] = tar_at_far(scores, issame, (1e-3, 1e-2, 1e-1))
-    return json_plain(result), scores
-
-
 def write_plots(directory: Path, scores: dict, results: dict) -> list[str]:
     from marginface.plots.eval_plots import plot_cmc, plot_roc, plot_score_histogram
 
@@ -147,9 +138,11 @@ def print_table(results: dict) -> None:
         tar_text = "  ".join(f"TAR@FAR={far}: {100 * value:.2f}" for far, value in tar.items())
         print(f"[{name}] XNorm: {r['xnorm']:.4f}  Accuracy-Flip: {r['accuracy']:.5f}+-{r['std']:.5f}  {tar_text}")
     for target, ijb in results.get("ijb", {}).items():
-        tars = ijb.get("tar_at_far", {})
+        tars = {**{f"{far}*": v for far, v in ijb.get("tar_at_far_few_impostors", {}).items()},
+                **ijb.get("tar_at_far", {})}
         print(f"[{target}] {ijb.get('mode', '')} TAR@FAR: " + "  ".join(
-            f"{far}: {100 * value:.2f}" for far, value in tars.items()) + f"  AUC: {100 * ijb.get('auc', 0):.2f}")
+            f"{far}: {100 * value:.2f}" for far, value in tars.items()) + f"  AUC: {100 * ijb.get('auc', 0):.2f}"
+            + ("  (*: fewer than 10 impostor pairs at that FAR)" if "tar_at_far_few_impostors" in ijb else ""))
         for gallery, r in ijb.get("identification", {}).items():
             ranks = "  ".join(f"{k}: {100 * r[k]:.2f}" for k in ("rank1", "rank5", "rank10") if k in r)
             tpir = "  ".join(f"TPIR@FPIR={k}: {100 * v:.2f}" for k, v in r.get("tpir_at_fpir", {}).items())

@@ -31,7 +31,10 @@ _EXPORTS = {
     # embed.py
     "embed_images": "marginface.eval.embed",
     "embed_images_separate": "marginface.eval.embed",
-    "evaluate_pairs": "marginface.eval.embed",
+    # verification.py
+    "evaluate_pairs": "marginface.eval.verification",
+    "verification_table": "marginface.eval.verification",
+    "supported_fars": "marginface.eval.verification",
     # ijb.py
     "IJBMeta": "marginface.eval.ijb",
     "read_ijb_meta": "marginface.eval.ijb",

@@ -1,4 +1,4 @@
-"""Run a torch model over uint8 face crops (with flip fusion) and score a pair set with it.
+"""Run a torch model over uint8 face crops, with flip fusion (eval/verification.py scores pair sets with it).
 
 This is the path a training run calls every N steps, so it stays small: one batched forward of the original
 and flipped images together, no per-image Python work.
@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from marginface.errors import ConfigError
-from marginface.eval.metrics import kfold_accuracy, pair_scores, tar_at_far
 
-__all__ = ["embed_images", "embed_images_separate", "evaluate_pairs"]
+__all__ = ["embed_images", "embed_images_separate"]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -111,34 +110,3 @@ def embed_images(
         return orig, float(norms.mean())
     norms = np.concatenate([norms, np.linalg.norm(flipped, axis=1)])
     return orig + flipped, float(norms.mean())
-
-
-def evaluate_pairs(model: nn.Module, pairset: object, batch_size: int = 64, flip: bool = True) -> dict:
-    """Embed a `PairSet` and score it with the 10-fold protocol.
-
-    Sets with fewer than 10 pairs use one fold per pair. Returns ``accuracy``, ``std``, ``threshold``
-    (squared distance), ``threshold_cosine``, ``xnorm``, ``val``/``val_std``/``far`` (VAL@FAR=1e-3,
-    10-fold), ``tar_at_far`` ({1e-3: .., 1e-2: ..} on all pairs, floor rule), ``name`` and ``pairs``."""
-    images = getattr(pairset, "images", None)
-    issame = getattr(pairset, "issame", None)
-    if images is None or issame is None:
-        raise ConfigError("evaluate_pairs needs a PairSet (an object with .images and .issame)")
-    embeddings, norm = embed_images(model, images, batch_size=batch_size, flip=flip)
-    scores = pair_scores(embeddings)
-    issame = np.asarray(issame, dtype=bool)
-    # sets smaller than 10 pairs (smoke tests, small_lfw) get one pair per fold
-    result = kfold_accuracy(scores, issame, folds=min(10, issame.size))
-    tar = tar_at_far(scores, issame, (1e-3, 1e-2)) if issame.any() and not issame.all() else {}
-    return {
-        "name": getattr(pairset, "name", None),
-        "pairs": int(issame.size),
-        "accuracy": result["accuracy"],
-        "std": result["std"],
-        "threshold": result["threshold"],
-        "threshold_cosine": result["threshold_cosine"],
-        "xnorm": norm,
-        "val": result["val"],
-        "val_std": result["val_std"],
-        "far": result["far"],
-        "tar_at_far": tar,
-    }

@@ -22,6 +22,7 @@ import numpy as np
 
 from marginface.errors import ConfigError, DataFormatError
 from marginface.eval.metrics import DEFAULT_FARS, auc, cmc, rank_k, tar_at_far, tpir_at_fpir
+from marginface.eval.verification import supported_fars
 
 __all__ = [
     "IJBMeta",
@@ -554,6 +555,18 @@ def ijb_verification(
     }
 
 
+def split_supported_levels(tars: dict[float, float], impostors: int) -> dict[str, dict[float, float]]:
+    """``tar_at_far`` at the levels the impostor count supports (eval/verification.py's rule: far·N >= 10) and,
+    when some requested level is not, ``tar_at_far_few_impostors`` for those (kept for comparison with
+    published tables, marked as such wherever printed)."""
+    supported = set(supported_fars(impostors, tars))
+    out = {"tar_at_far": {far: tar for far, tar in tars.items() if far in supported}}
+    few = {far: tar for far, tar in tars.items() if far not in supported}
+    if few:
+        out["tar_at_far_few_impostors"] = few
+    return out
+
+
 def ijb_identification(
     template_ids: np.ndarray,
     template_feats: np.ndarray,
@@ -641,7 +654,7 @@ def evaluate_ijb(
         "pairs": int(meta.labels.size),
         "genuine_pairs": int(meta.labels.sum()),
         "far_rule": far_rule,
-        "tar_at_far": verification["tar_at_far"],
+        **split_supported_levels(verification["tar_at_far"], int((~meta.labels.astype(bool)).sum())),
         "auc": verification["auc"],
     }
     if meta.probes is not None and meta.galleries:

@@ -110,18 +110,25 @@ def write_report(run_dir: str | os.PathLike, metrics: dict[str, Any], config: di
         f"- throughput: {metrics.get('throughput', {}).get('images_per_second', 0):.0f} images/s, "
         f"training time {metrics.get('train_seconds', 0):.0f} s",
         "",
-        "| pair set | accuracy (%) | std | XNorm | TAR@FAR=1e-3 |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for name, result in metrics.get("verification", {}).items():
-        tar = result.get("tar_at_far", {}).get("0.001")
-        lines.append(
-            f"| {name} | {100 * result['accuracy']:.2f} | {100 * result['std']:.2f} | {result.get('xnorm', 0):.2f} "
-            f"| {'' if tar is None else f'{100 * tar:.2f}'} |"
-        )
+    lines += verification_lines(metrics.get("verification", {}))
     lines.append("")
     for title, path in figures:
         lines += [f"## {title}", "", f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
     report = run_dir / "report.md"
     atomic_write_bytes(report, "\n".join(lines).encode())
     return report
+
+
+def verification_lines(verification: dict) -> list[str]:
+    """The report's pair-set table: accuracy and TAR@FAR at every level some pair set supports (blank where its
+    impostor count does not: eval/verification.py)."""
+    levels = sorted({float(far) for result in verification.values() for far in result.get("tar_at_far", {})})
+    lines = ["| pair set | accuracy (%) | std | XNorm | " + " | ".join(f"TAR@FAR={far:g}" for far in levels) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(levels)]
+    for name, result in verification.items():
+        tars = {float(far): tar for far, tar in result.get("tar_at_far", {}).items()}
+        cells = ["" if far not in tars else f"{100 * tars[far]:.2f}" for far in levels]
+        lines.append(f"| {name} | {100 * result['accuracy']:.2f} | {100 * result['std']:.2f} | "
+                     f"{result.get('xnorm') or 0:.2f} | " + " | ".join(cells) + " |")
+    return lines

@@ -440,7 +440,7 @@ class Trainer:
         if self.world.is_main and self.pair_sets:
             self.module.eval()
             for pair_set in self.pair_sets:
-                results[pair_set.name] = evaluate_pairs(self.module.backbone, pair_set, batch_size=256)
+                results[pair_set.name] = evaluate_pairs(self.module.backbone, pair_set)
             self.module.train()
         self.world.barrier()
         if results:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -69,8 +70,10 @@ def _decode_pillow(data: bytes, where: str | Callable[[], str], size: tuple[int,
             image.load()
             rgb = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        # Pillow names its in-memory file ("<_io.BytesIO object at 0x...>"): noise that differs run to run.
+        reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(exc))
         raise DataFormatError(
-            f"{_name(where)}: cannot decode image ({len(data)} bytes starting {bytes(data[:4]).hex()}): {exc}; "
+            f"{_name(where)}: cannot decode image ({len(data)} bytes starting {bytes(data[:4]).hex()}): {reason}; "
             "expected a JPEG or PNG"
         ) from None
     return np.array(rgb, dtype=np.uint8)

@@ -38,6 +38,8 @@ class DataConfig:
     image_size: int | None = 56  # network input side; None keeps the stored size (112)
     num_workers: int = 1  # on 2 cores: one decoding worker beside the training process
     flip: bool = True
+    bad_records: str = "fail"  # a damaged record stops training (fail) or is left out and listed (skip)
+    max_bad_fraction: float = 0.001  # skip still stops once more than this share of the set is damaged
 
 
 @dataclass
@@ -111,6 +113,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "optimizer.name": ("sgd", "adamw"),
     "schedule.name": ("cosine", "step", "poly", "constant"),
+    "data.bad_records": ("fail", "skip"),
 }
 POSITIVE = {
     "train.batch_size", "train.accumulation", "train.max_nonfinite", "train.log_every", "train.keep_checkpoints",
@@ -121,7 +124,7 @@ POSITIVE = {
 NON_NEGATIVE = {
     "train.eval_every", "train.checkpoint_every", "schedule.warmup_steps", "optimizer.weight_decay",
     "optimizer.momentum", "data.num_workers", "schedule.gamma", "schedule.power", "schedule.min_lr_ratio",
-    "data.synthetic.difficulty",
+    "data.synthetic.difficulty", "data.max_bad_fraction",
 }
 
 
@@ -251,6 +254,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optimizer.momentum={config.optimizer.momentum} is invalid: expected a value in [0, 1)")
     if len(config.optimizer.betas) != 2 or not all(0 <= b < 1 for b in config.optimizer.betas):
         raise ConfigError(f"optimizer.betas={config.optimizer.betas} is invalid: expected two values in [0, 1)")
+    if not 0 <= config.data.max_bad_fraction <= 1:
+        raise ConfigError(f"data.max_bad_fraction={config.data.max_bad_fraction} is invalid: expected [0, 1]")
     if not 0 <= config.data.synthetic.difficulty <= 1:
         raise ConfigError(f"data.synthetic.difficulty={config.data.synthetic.difficulty} is invalid: expected [0, 1]")
     if config.schedule.name == "step" and not config.schedule.milestones:

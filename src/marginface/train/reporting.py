@@ -113,6 +113,7 @@ def write_report(run_dir: str | os.PathLike, metrics: dict[str, Any], config: di
     ]
     lines += verification_lines(metrics.get("verification", {}))
     lines.append("")
+    lines += bad_record_lines(metrics.get("bad_records", {}))
     for title, path in figures:
         lines += [f"## {title}", "", f"![{title}]({path.relative_to(run_dir).as_posix()})", ""]
     report = run_dir / "report.md"
@@ -132,3 +133,11 @@ def verification_lines(verification: dict) -> list[str]:
         lines.append(f"| {name} | {100 * result['accuracy']:.2f} | {100 * result['std']:.2f} | "
                      f"{result.get('xnorm') or 0:.2f} | " + " | ".join(cells) + " |")
     return lines
+
+
+def bad_record_lines(bad_records: dict) -> list[str]:
+    """The damaged records a run left out (data.bad_records=skip), listed; nothing when there were none."""
+    records = bad_records.get("records", [])
+    if not records:
+        return []
+    return [f"## damaged records left out ({len(records)})", "", *(f"- {record}" for record in records), ""]

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from marginface import engines, heads, models
-from marginface.errors import ConfigError, MarginfaceError, NonFiniteLossError
+from marginface.data.bad_records import BadRecordLedger, GuardedItems, worker_message
+from marginface.errors import ConfigError, DataFormatError, MarginfaceError, NonFiniteLossError
 from marginface.fileio import json_plain
 from marginface.train import head_rows
 from marginface.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
@@ -53,26 +54,13 @@ class TrainingModule(nn.Module):
         return self.head(embeddings.float(), labels)  # the head is fp32 whatever the backbone ran in
 
 
-class IndexedDataset(torch.utils.data.Dataset):
-    """Items carry their dataset index, so a skipped step can name the samples that caused it."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        return image, label, index
-
-
 @dataclass
 class RunState:
     step: int = 0
     images_seen: int = 0
     nonfinite_in_a_row: int = 0
     skipped_steps: list[int] = field(default_factory=list)
+    bad_records: list[str] = field(default_factory=list)  # damaged records left out (data.bad_records=skip)
     train_seconds: float = 0.0
 
 
@@ -210,6 +198,8 @@ class Trainer:
         self.log = RunLog(self.run_dir, enabled=self.write_outputs)
         self.verification: dict[str, dict] = {}
         self._batches = None  # the iterator of the epoch in progress
+        self.bad_records = BadRecordLedger(config.data.bad_records, config.data.max_bad_fraction, len(self.sampler),
+                                           str(self.dataset.path), seen=self.state.bad_records)
         self._resumed_mid_epoch = False
         if resume:
             self.load_state_dict(self._load_resumable_checkpoint())
@@ -251,6 +241,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["sampler"])
         self.state = RunState(**state["run_state"])
+        self.bad_records.records = self.state.bad_records
         set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
         self._batches = None
         # A restored position may sit in the middle of an epoch: continue it rather than start the next one.
@@ -335,9 +326,12 @@ class Trainer:
             micro_batches, indices = [], []
             for _ in range(self.config.train.accumulation):
                 try:
-                    images, labels, batch_indices = next(self._batches)
+                    images, labels, batch_indices, problems = next(self._batches)
                 except StopIteration:
                     break
+                except DataFormatError as exc:
+                    raise DataFormatError(worker_message(exc)) from None
+                self.bad_records.report(list(problems), echo=self._echo)
                 micro_batches.append((images, labels))
                 indices += batch_indices.tolist()
                 self.sampler.advance(len(batch_indices))
@@ -356,7 +350,7 @@ class Trainer:
         # leaves the global RNG exactly where the uninterrupted run has it.
         generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.sampler.epoch)
         loader = torch.utils.data.DataLoader(
-            IndexedDataset(self.dataset), batch_size=self.config.train.batch_size, sampler=self.sampler,
+            GuardedItems(self.dataset), batch_size=self.config.train.batch_size, sampler=self.sampler,
             drop_last=True, num_workers=self.config.data.num_workers, generator=generator,
             pin_memory=self.world.device.type == "cuda", persistent_workers=False,
         )
@@ -399,6 +393,15 @@ class Trainer:
             if checkpoint and ((config.train.checkpoint_every and state.step % config.train.checkpoint_every == 0)
                                or last):
                 self.save_checkpoint()
+
+    def _echo(self, line: str) -> None:
+        """A line for the user, from any rank (a damaged record is found by the rank that reads it)."""
+        if self.world.distributed:
+            line = f"rank {self.world.rank}: {line}"
+        if self.progress_bar is not None:
+            self.progress_bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def _skip(self, loss_value: float, indices: list[int]) -> None:
         state, config = self.state, self.config
@@ -475,6 +478,7 @@ class Trainer:
             "train_seconds": state.train_seconds,
             "throughput": {"images_per_second": state.images_seen / max(state.train_seconds, 1e-9)},
             "skipped_steps": state.skipped_steps,
+            "bad_records": self._bad_records_summary(),
             "margin": dict(getattr(self.module.head, "last_statistics", {})),
             "margin_state_per_rank": margin_states,
         }
@@ -485,6 +489,12 @@ class Trainer:
             write_report(self.run_dir, metrics, self.config.to_dict())
         self.world.barrier()
         return metrics
+
+    def _bad_records_summary(self) -> dict[str, Any]:
+        """The damaged records every rank left out, once each, in rank order."""
+        records = [r for part in self.world.gather_objects(self.state.bad_records) for r in part]
+        unique = list(dict.fromkeys(records))
+        return {"mode": self.config.data.bad_records, "count": len(unique), "records": unique}
 
     def export_head(self) -> None:
         """``head.safetensors``: the whole classifier [C, D] in class order (label ids), however it was sharded;

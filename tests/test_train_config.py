@@ -112,3 +112,40 @@ def test_shipped_configs_validate(path):
 
 def test_demo_config_is_the_default():
     assert load_config(Path(__file__).resolve().parents[1] / "configs" / "demo_synthetic.yaml") == load_config()
+
+
+def test_an_override_of_one_margin_parameter_keeps_the_others(tmp_path):
+    assert load_config(None, ["head.params.m=0.2"]).head.params == {"s": 30.0, "m": 0.2}
+    assert load_config(None, ["head.params={m: 0.1}"]).head.params == {"m": 0.1}  # a whole mapping replaces
+    path = tmp_path / "c.yaml"
+    path.write_text("head:\n  margin: arcface\n  params: {s: 48.0, m: 0.45}\n")
+    assert load_config(path, ["head.params.m=0.4"]).head.params == {"s": 48.0, "m": 0.4}
+    assert load_config(None, ["model.kwargs.width=8"]).model.kwargs == {"width": 8}
+
+
+def test_switching_margin_carries_only_what_means_the_same():
+    from marginface.train.config import switch_margin
+
+    demo = load_config()  # curricularface s=30, m=0.3 (an angle)
+    config, carried, defaults = switch_margin(demo, "SphereFace")
+    assert config.head.margin == "sphereface" and config.head.params == {} and carried == {}
+    assert defaults == {"m": 4, "base": 1000.0, "gamma": 0.12, "power": 1.0, "lambda_min": 5.0}
+    config, carried, defaults = switch_margin(demo, "cosface")  # its m is a cosine offset, not an angle
+    assert config.head.params == {"s": 30.0} and defaults == {"m": 0.35}
+    config, carried, _ = switch_margin(load_config(None, ["head.params.m=0.2"]), "cosface", explicit={"m"})
+    assert config.head.params == {"s": 30.0, "m": 0.2}
+    with pytest.raises(ConfigError, match="head.params.m was given, but margin 'normface' has no parameter m"):
+        switch_margin(demo, "normface", explicit={"m"})
+
+
+def test_train_margin_sphereface_runs_and_says_what_carried(cache, tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "marginface", "train", "--no-progress", "--margin", "sphereface",
+               "--max-steps", "1", "--out", str(tmp_path / "run"), "data.synthetic.identities=16",
+               "data.synthetic.images_per_id=6", "data.synthetic.pairs_per_set=40", "train.batch_size=16",
+               "data.num_workers=0", "train.eval_every=0", "train.threads=1"]
+    result = subprocess.run(command, env=cache, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "--margin sphereface: carried over nothing; its defaults for the rest (m=4, base=1000.0" in result.stderr

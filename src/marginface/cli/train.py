@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from typing import Any
 
 from marginface.cli import example_epilog, help_formatter
 
@@ -33,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="YAML config file (keys as in configs/*.yaml)")
     parser.add_argument("--out", help="run directory (default runs/<margin>-<time>)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    parser.add_argument("--margin", help="margin head (its parameters carry over where they apply)")
+    parser.add_argument("--margin", help="margin head: s (and gradient, easy_margin) carry over, and the "
+                        "head.params set on this command line; the rest take its defaults (printed)")
     parser.add_argument("--margin-from", metavar="SEARCH_JSON",
                         help="train with the loss a `marginface search` found (its search.json, or its directory)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
@@ -45,9 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from marginface import heads, margins
     from marginface.train import load_config, train
-    from marginface.train.config import config_from_dict
+    from marginface.train.config import config_from_dict, switch_margin
     from marginface.train.trainer import load_run_config
 
     if args.resume and (args.config or args.margin):
@@ -67,12 +69,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, overrides)
         if args.margin:
-            name = heads.canonical_name(args.margin)  # unknown: a ConfigError listing every head, softmax too
-            accepted = margins.parameters(name) if name != "softmax" else {}
-            raw = config.to_dict()
-            raw["head"] = {**raw["head"], "margin": name,
-                           "params": {k: v for k, v in config.head.params.items() if k in accepted}}
-            config = config_from_dict(raw)
+            explicit = {o.split("=", 1)[0].removeprefix("head.params.") for o in overrides
+                        if o.startswith("head.params.")}
+            config, carried, defaults = switch_margin(config, args.margin, explicit)
+            print(f"--margin {config.head.margin}: carried over {listing(carried) or 'nothing'}; "
+                  f"its defaults for the rest ({listing(defaults) or 'none'})", file=sys.stderr)
         if margin_from:
             from marginface.search import load_found_margin
 
@@ -89,3 +90,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: accuracy {100 * result['accuracy']:.2f} ± {100 * result['std']:.2f} %")
         print(f"run directory: {run_dir} (model.safetensors, metrics.json, report.md)")
     return 0
+
+
+def listing(params: dict[str, Any]) -> str:
+    """`k=v, k=v` for a message."""
+    return ", ".join(f"{key}={value}" for key, value in params.items())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import os
 import types
 import typing
@@ -153,6 +154,7 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) ->
         key, equals, value = item.partition("=")
         if not equals or not key:
             raise ConfigError(f"override {item!r} is invalid: expected key=value, e.g. train.max_steps=100")
+        seed_open_mapping(raw, key.strip())
         set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
     config = build(Config, raw, prefix="")
     validate(config)
@@ -163,6 +165,26 @@ def save_config(config: Config, path: str | os.PathLike) -> None:
     from marginface.fileio import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+
+
+def seed_open_mapping(raw: dict[str, Any], key: str) -> None:
+    """Before `head.params.m=0.2` sets one entry of a free-form mapping the file left out, copy in the mapping
+    the run would otherwise have (its default), so the override changes m and keeps s."""
+    cls: Any = Config
+    node = raw
+    for part in key.split(".")[:-1]:
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return  # an unknown key: `build` names it
+        hint = typing.get_type_hints(cls)[part]
+        if dataclasses.is_dataclass(hint):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                return
+            cls = hint
+            continue
+        if part not in node and typing.get_origin(hint) is dict:
+            node[part] = copy.deepcopy(getattr(cls(), part))
+        return
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
@@ -300,3 +322,30 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# Margin parameters that mean the same in every margin that has them. The others share names but not meaning
+# (m is an angle in ArcFace, a cosine offset in CosFace, a multiplier in SphereFace), so they are not carried.
+SHARED_MARGIN_PARAMETERS = ("s", "gradient", "easy_margin")
+
+
+def switch_margin(config: Config, name: str, explicit: set[str] = frozenset()) -> tuple[Config, dict, dict]:
+    """`config` with head `name`: carry the parameters that mean the same (and those in `explicit`, set by the
+    user for this run), take `name`'s defaults for the rest. Returns (config, carried, defaults)."""
+    from marginface import heads, margins
+
+    name = heads.canonical_name(name)  # unknown: a ConfigError listing every head, softmax too
+    accepted = margins.parameters(name) if name != "softmax" else {}
+    params = config.head.params
+    carried = {k: v for k, v in params.items()
+               if k in accepted and (k in SHARED_MARGIN_PARAMETERS or k in explicit)}
+    unknown = sorted(k for k in explicit if k not in accepted)
+    if unknown:
+        raise ConfigError(
+            f"head.params.{unknown[0]} was given, but margin {name!r} has no parameter {unknown[0]}: its "
+            f"parameters are {', '.join(accepted) or '(none)'}"
+        )
+    defaults = {k: v for k, v in accepted.items() if k not in carried and v is not inspect.Parameter.empty}
+    raw = config.to_dict()
+    raw["head"] = {**raw["head"], "margin": name, "params": carried}
+    return config_from_dict(raw), carried, defaults

@@ -16,8 +16,6 @@ from torch import nn
 
 from marginface.errors import ConfigError, MarginfaceError
 
-SAFETENSORS_METADATA_KEY = "marginface_model"
-
 
 class OnnxModel(nn.Module):
     """An ONNX backbone run by onnxruntime behind the nn.Module call the evaluators use."""
@@ -68,28 +66,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
 
 
 def load_safetensors_backbone(path: Path) -> nn.Module:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
+    """The backbone a marginface `.safetensors` describes (its metadata), with its weights checked key by key."""
     from marginface import models
+    from marginface.models.weights import SAFETENSORS_METADATA_KEY, check_state_dict, read_state_dict
 
-    try:
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exc:
-        raise MarginfaceError(f"cannot read {path}: {exc}") from None
-    if SAFETENSORS_METADATA_KEY not in metadata:
+    state, config = read_state_dict(path)
+    if config is None:
         raise MarginfaceError(
             f"{path} has no '{SAFETENSORS_METADATA_KEY}' metadata: it was not written by marginface, so the "
-            "network it belongs to is unknown"
+            "network it belongs to is unknown (weights from another toolkit: `marginface import-weights`)"
         )
-    config = json.loads(metadata[SAFETENSORS_METADATA_KEY])
     model = models.create(**config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise MarginfaceError(
-            f"{path} does not match {config.get('name')}: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state, strict=False)
     return model

@@ -48,6 +48,7 @@ class ModelConfig:
     name: str = "small_cnn"
     embedding_size: int = 128
     kwargs: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # backbone weights to start from (a model.safetensors, or `import-weights` output)
 
 
 @dataclass
@@ -276,6 +277,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optimizer.momentum={config.optimizer.momentum} is invalid: expected a value in [0, 1)")
     if len(config.optimizer.betas) != 2 or not all(0 <= b < 1 for b in config.optimizer.betas):
         raise ConfigError(f"optimizer.betas={config.optimizer.betas} is invalid: expected two values in [0, 1)")
+    if config.model.init is not None and not Path(config.model.init).is_file():
+        raise ConfigError(f"model.init={config.model.init!r}: no such file; expected a model.safetensors (a run's, "
+                          "or `marginface import-weights` output) or a .pth state dict")
     if not 0 <= config.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={config.data.max_bad_fraction} is invalid: expected [0, 1]")
     if not 0 <= config.data.synthetic.difficulty <= 1:

@@ -7,7 +7,6 @@ its own generator, the LR is a pure function of the step, and every RNG state is
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -23,6 +22,8 @@ from marginface import engines, heads, models
 from marginface.data.bad_records import BadRecordLedger, GuardedItems, worker_message
 from marginface.errors import ConfigError, DataFormatError, MarginfaceError, NonFiniteLossError
 from marginface.fileio import json_plain
+from marginface.models.weights import load_backbone_weights
+from marginface.models.weights import save_backbone as export_model  # the search exports through it too
 from marginface.train import head_rows
 from marginface.train.checkpoint import CheckpointManager, load_checkpoint, rng_state, set_rng_state
 from marginface.train.config import Config, config_from_dict, save_config
@@ -92,6 +93,8 @@ def build_model(config: Config, num_classes: int) -> TrainingModule:
     if config.data.image_size is not None and "input_size" not in model_kwargs and takes_size:
         model_kwargs["input_size"] = config.data.image_size
     backbone = models.create(config.model.name, embedding_size=config.model.embedding_size, **model_kwargs)
+    if config.model.init is not None:
+        load_backbone_weights(backbone, config.model.init)  # fine-tuning; a resume then overwrites them
     head = heads.create(
         config.head.margin, num_classes=num_classes, embedding_size=config.model.embedding_size,
         engine=config.head.engine, engine_params=config.head.engine_params, **config.head.params,
@@ -175,6 +178,8 @@ class Trainer:
                                     seed=config.train.seed)
         self.pair_sets = [load_pairs(path) for path in pair_paths] if world.is_main else []
         self.module = build_model(config, self.dataset.num_classes).to(world.device)
+        if config.model.init is not None and world.is_main and not resume:
+            print(f"backbone initialised from {config.model.init}", file=sys.stderr, flush=True)
         check_image_size(config, self.module.backbone, self.dataset.stored_size)
         self.module.head.batch_reduce = world.all_reduce_sum
         # a sharded head holds only its classes: never under DDP, its rows checkpointed by every rank
@@ -578,17 +583,6 @@ def global_grad_norm(module: TrainingModule, world: World, sharded_head: bool) -
             torch.distributed.all_reduce(own)
         squared = squared.float() + own
     return squared.sqrt()
-
-
-def export_model(backbone: nn.Module, path: Path) -> None:
-    """The deployable artifact: backbone weights in safetensors, with the config that rebuilds the network."""
-    from safetensors.torch import save as save_safetensors
-
-    from marginface.fileio import atomic_write_bytes
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    metadata = {"marginface_model": json.dumps(getattr(backbone, "config", {})), "format": "pt"}
-    atomic_write_bytes(path, save_safetensors(tensors, metadata=metadata))
 
 
 def load_run_config(run_dir: str | os.PathLike) -> Config:

@@ -154,16 +154,40 @@ class Trainer:
         progress: bool = True,
         write_outputs: bool = True,
     ) -> None:
-        from marginface.data import DistributedIdentitySampler, open_dataset
-        from marginface.eval import load_pairs
-
         self.config, self.world = config, world
         self.run_dir = Path(run_dir)
         self.write_outputs = write_outputs and world.is_main
+        self._write_checkpoints = write_outputs
+        self._prepare_run_directory(resume)
+        self._open_data(progress)
+        self._build_model(resume)
+        self._build_optimisation()
+        self._plan_steps()
+        self.state = RunState()
+        self.log = RunLog(self.run_dir, enabled=self.write_outputs)
+        self.verification: dict[str, dict] = {}
+        self._batches = None  # the iterator of the epoch in progress
+        self.bad_records = BadRecordLedger(config.data.bad_records, config.data.max_bad_fraction, len(self.sampler),
+                                           str(self.dataset.path), seen=self.state.bad_records)
+        self._resumed_mid_epoch = False
+        if resume:
+            self._resume()
+        self.model = self._wrap_for_processes()
+        self.progress_bar = None
+        if progress and world.is_main:
+            from tqdm import tqdm
+
+            self.progress_bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
+        self._window = (0.0, 0, time.perf_counter(), 0)  # loss sum, steps, start time, images
+
+    # -- construction, step by step -------------------------------------------------------------------------
+    def _prepare_run_directory(self, resume: bool) -> None:
+        """Refuse to overwrite a run; write config.yaml; seed the global RNG."""
+        config = self.config
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         self.checkpoints = CheckpointManager(self.run_dir, keep=config.train.keep_checkpoints)
-        if write_outputs and not resume and self.checkpoints.latest() is not None:
+        if self._write_checkpoints and not resume and self.checkpoints.latest() is not None:
             raise ConfigError(
                 f"{self.run_dir} already holds a training run (checkpoints in {self.checkpoints.directory}); "
                 f"continue it with --resume {self.run_dir}, or choose another --out"
@@ -173,10 +197,22 @@ class Trainer:
             save_config(config, self.run_dir / "config.yaml")
         torch.manual_seed(config.train.seed)
 
+    def _open_data(self, progress: bool) -> None:
+        """The training set (made first if synthetic), its sampler, and the pair sets rank 0 validates on."""
+        from marginface.data import DistributedIdentitySampler, open_dataset
+        from marginface.eval import load_pairs
+
+        config, world = self.config, self.world
         train_path, pair_paths = resolve_data(config, world, progress)
         self.dataset = open_dataset(train_path, image_size=config.data.image_size, train=config.data.flip,
                                     seed=config.train.seed)
         self.pair_sets = [load_pairs(path) for path in pair_paths] if world.is_main else []
+        self.sampler = DistributedIdentitySampler(len(self.dataset), seed=config.train.seed, rank=world.rank,
+                                                  world_size=world.world_size, drop_last=True)
+
+    def _build_model(self, resume: bool) -> None:
+        """Backbone (from model.init when given) and head on the device; the head reduces across ranks."""
+        config, world = self.config, self.world
         self.module = build_model(config, self.dataset.num_classes).to(world.device)
         if config.model.init is not None and world.is_main and not resume:
             print(f"backbone initialised from {config.model.init}", file=sys.stderr, flush=True)
@@ -184,48 +220,45 @@ class Trainer:
         self.module.head.batch_reduce = world.all_reduce_sum
         # a sharded head holds only its classes: never under DDP, its rows checkpointed by every rank
         self.sharded_head = bool(getattr(getattr(self.module.head, "engine", None), "uses_process_group", False))
-        self._write_checkpoints = write_outputs
+
+    def _build_optimisation(self) -> None:
+        """Optimiser, loss scaler and autocast type for train.precision."""
+        config = self.config
         self.optimizer = build_optimizer([self.module], config.optimizer)
-        self.scaler = torch.amp.GradScaler(world.device.type, enabled=config.train.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.world.device.type, enabled=config.train.precision == "fp16")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[config.train.precision]
-        self.sampler = DistributedIdentitySampler(len(self.dataset), seed=config.train.seed, rank=world.rank,
-                                                  world_size=world.world_size, drop_last=True)
-        batch_size = config.train.batch_size
-        micro_batches_per_epoch = len(self.sampler) // batch_size
-        if micro_batches_per_epoch < config.train.accumulation:
+
+    def _plan_steps(self) -> None:
+        """Steps per epoch and in all, from this process's share of the set and the batch settings."""
+        train = self.config.train
+        micro_batches_per_epoch = len(self.sampler) // train.batch_size
+        if micro_batches_per_epoch < train.accumulation:
             raise ConfigError(
-                f"train.batch_size={batch_size} × train.accumulation={config.train.accumulation} is larger than "
+                f"train.batch_size={train.batch_size} × train.accumulation={train.accumulation} is larger than "
                 f"one epoch on this process ({len(self.sampler)} images): lower them"
             )
-        self.steps_per_epoch = micro_batches_per_epoch / config.train.accumulation
-        self.total_steps = config.train.max_steps or math.ceil(config.train.epochs * self.steps_per_epoch)
-        self.state = RunState()
-        self.log = RunLog(self.run_dir, enabled=self.write_outputs)
-        self.verification: dict[str, dict] = {}
-        self._batches = None  # the iterator of the epoch in progress
-        self.bad_records = BadRecordLedger(config.data.bad_records, config.data.max_bad_fraction, len(self.sampler),
-                                           str(self.dataset.path), seen=self.state.bad_records)
-        self._resumed_mid_epoch = False
-        if resume:
-            self.load_state_dict(self._load_resumable_checkpoint())
-            self.log.truncate_after(self.state.step)
-            if world.is_main:
-                print(f"resumed {self.run_dir} at step {self.state.step} of {self.total_steps} "
-                      f"(epoch {self.sampler.epoch})", flush=True)
-        self.model: nn.Module = self.module
-        if world.distributed:
-            device_ids = [world.local_rank] if world.device.type == "cuda" else None
-            if self.sharded_head:
-                backbone = nn.parallel.DistributedDataParallel(self.module.backbone, device_ids=device_ids)
-                self.model = TrainingModule(backbone, self.module.head, embedding_gradient_scale=world.world_size)
-            else:
-                self.model = nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
-        self.progress_bar = None
-        if progress and world.is_main:
-            from tqdm import tqdm
+        self.steps_per_epoch = micro_batches_per_epoch / train.accumulation
+        self.total_steps = train.max_steps or math.ceil(train.epochs * self.steps_per_epoch)
 
-            self.progress_bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
-        self._window = (0.0, 0, time.perf_counter(), 0)  # loss sum, steps, start time, images
+    def _resume(self) -> None:
+        """Load the newest checkpoint that loads and drop the history written after it."""
+        self.load_state_dict(self._load_resumable_checkpoint())
+        self.log.truncate_after(self.state.step)
+        if self.world.is_main:
+            print(f"resumed {self.run_dir} at step {self.state.step} of {self.total_steps} "
+                  f"(epoch {self.sampler.epoch})", flush=True)
+
+    def _wrap_for_processes(self) -> nn.Module:
+        """The module the step runs: itself on one process; under DDP, all of it, or only the backbone when the
+        head is sharded (its rows are per rank, its embedding gradient scaled to DDP's mean)."""
+        world = self.world
+        if not world.distributed:
+            return self.module
+        device_ids = [world.local_rank] if world.device.type == "cuda" else None
+        if self.sharded_head:
+            backbone = nn.parallel.DistributedDataParallel(self.module.backbone, device_ids=device_ids)
+            return TrainingModule(backbone, self.module.head, embedding_gradient_scale=world.world_size)
+        return nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
 
     # -- state ----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The reductions between margins that spec/losses.md §6.3 lists, on random batches."""
+"""The reductions between margins that spec/losses.md §6.3 lists, on random batches; and every margin driven block
+by block over the classes in training mode, equal to the dense engine and the float64 reference (loss, both
+gradients, state)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 
 import marginface as mf
 from marginface.margins.base import combine_row_statistics
+from test_margins_gradients import CASE_IDS, REFERENCE_CASES, start
+from test_margins_gradients import assert_close as assert_grad_close
 
 
 def batch(seed: int, rows: int = 32, classes: int = 20, low: float = -0.9, high: float = 0.95):
@@ -179,29 +183,90 @@ def test_arcnegface_with_unit_alpha_and_infinite_sigma_is_arcface():
                 labels, atol=1e-8)
 
 
-def test_margins_work_on_a_block_of_classes():
-    """A margin driven step by step on column blocks gives the same logits as on the full row."""
-    cos, labels = batch(15, rows=16, classes=30)
-    for name in mf.margins.available():
-        margin = create(name)
-        norms = torch.rand(16, dtype=torch.float64) + 0.5 if margin.needs_norms else None
-        full = margin(cos, labels, norms=norms)
-        target_cos = cos.gather(1, labels[:, None]).squeeze(1)
-        onehot = F.one_hot(labels, 30).bool()
-        blocks = [slice(0, 7), slice(7, 19), slice(19, 30)]
-        ctx = margin.prepare(target_cos, norms)
-        partial = []
-        for b in blocks:
-            inside = (labels >= b.start) & (labels < b.stop)
-            partial.append(margin.row_statistics(cos[:, b], torch.where(inside, labels - b.start, -1), ctx))
-        scale = margin.row_scale(norms)
-        negatives = [cos[:, b] if margin.identity_negatives else margin.negative_logits(cos[:, b], ctx)
-                     for b in blocks]
-        lse = [(n * scale).masked_fill(onehot[:, b], float("-inf")).logsumexp(1)
-               for n, b in zip(negatives, blocks, strict=True)]
-        stats = combine_row_statistics(partial, margin.row_reductions)
-        stats["negatives_lse"] = combine_row_statistics([{"l": v} for v in lse], {"l": "logsumexp"})["l"]
-        ctx = margin.finish(ctx, stats)
-        pieces = [torch.where(onehot[:, b], ctx["target"][:, None], n) * scale
-                  for n, b in zip(negatives, blocks, strict=True)]
-        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-12, rtol=0, msg=name)
+# -- one margin driven block by block, in training mode, against the dense engine and the float64 reference ------
+
+BLOCKS = (slice(19, 30), slice(0, 7), slice(7, 19))  # uneven blocks of the 30 classes, visited out of order
+
+
+def embedding_batch(seed: int, rows: int = 16, classes: int = 30, dim: int = 6):
+    """Embeddings near their class centres (targets, hard and easy negatives all occur), unequal norms."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(classes, dim, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, classes, (rows,), generator=generator)
+    x = weight[labels] * 0.8 + 0.6 * torch.randn(rows, dim, generator=generator, dtype=torch.float64)
+    x = x * (1.0 + torch.rand(rows, 1, generator=generator, dtype=torch.float64))
+    return x, weight, labels
+
+
+def blockwise_loss(margin, x, weight, labels, use_slope: bool):
+    """The margin driven through the steps of margins/base.py by hand, on BLOCKS of the class centres: state
+    update, row context, per-block row statistics and N (autograd of ``negative_logits``, or the closed-form
+    slope of ``negatives_with_slope`` as the engines' backward uses it), log-sum-exp combined across blocks,
+    ``finish`` and ``row_loss``."""
+    x_hat = F.normalize(x, dim=1)
+    norms = x.norm(dim=1) if margin.needs_norms else None
+    inverse = weight.norm(dim=1).reciprocal()
+    target_cos = (x_hat * weight[labels]).sum(1) * inverse[labels]
+    margin.update_from_batch(target_cos.detach(), norms)
+    ctx = margin.prepare(target_cos.detach(), norms)
+    scale = margin.row_scale(norms)
+    stats, lse = [], []
+    for block in BLOCKS:
+        cos = (x_hat @ weight[block].t()) * inverse[block]
+        inside = (labels >= block.start) & (labels < block.stop)
+        target_index = torch.where(inside, labels - block.start, -1)
+        with torch.no_grad():
+            stats.append(margin.row_statistics(cos, target_index, ctx))
+        if margin.identity_negatives:
+            negatives = cos
+        elif use_slope:
+            values, slope = margin.negatives_with_slope(cos.detach(), ctx)
+            negatives = values + slope * (cos - cos.detach())  # value N, derivative the margin's own dN/dc
+        else:
+            negatives = margin.negative_logits(cos, ctx)
+        target_column = F.one_hot(target_index.clamp_min(0), cos.shape[1]).bool() & inside[:, None]
+        lse.append((negatives * scale).masked_fill(target_column, float("-inf")).logsumexp(1))
+    row_stats = combine_row_statistics(stats, margin.row_reductions)
+    row_stats["negatives_lse"] = combine_row_statistics([{"l": v} for v in lse], {"l": "logsumexp"})["l"]
+    ctx["target_cos"] = target_cos
+    ctx = margin.finish(ctx, row_stats)
+    target_scale = scale[:, 0] if isinstance(scale, torch.Tensor) else scale
+    return margin.row_loss(ctx["target"] * target_scale, row_stats["negatives_lse"], ctx).mean()
+
+
+def reference_loss(reference, x, weight, labels):
+    cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
+    return reference.loss(cos, labels, x.norm(dim=1))
+
+
+@pytest.mark.parametrize("use_slope", [False, True], ids=["autograd", "slope"])
+@pytest.mark.parametrize("name,params,training,state", REFERENCE_CASES, ids=CASE_IDS)
+def test_margins_work_on_blocks_of_classes(name, params, training, state, use_slope):
+    """Block-wise == dense engine == float64 reference: loss, ∂L/∂x, ∂L/∂W and the state, over two steps."""
+    blockwise, reference = start(name, params, training, state)
+    head = mf.heads.create(name, num_classes=30, embedding_size=6, engine="dense", **params).double()
+    head.train(training)
+    head.margin.load_state_dict(blockwise.state_dict())
+    for step in range(2):
+        x, weight, labels = embedding_batch(300 + step)
+        results = {}
+        for what in ("blockwise", "dense", "reference"):
+            xs, ws = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+            if what == "blockwise":
+                loss = blockwise_loss(blockwise, xs, ws, labels, use_slope)
+            elif what == "dense":
+                with torch.no_grad():
+                    head.weight.copy_(weight)
+                ws = head.weight
+                loss = head(xs, labels)
+            else:
+                loss = reference_loss(reference, xs, ws, labels)
+            results[what] = (loss.detach(), *torch.autograd.grad(loss, [xs, ws]))
+        label = f"{name} {params} step {step}"
+        for what in ("blockwise", "dense"):
+            for part, got, expected in zip(("loss", "dL/dx", "dL/dW"), results[what], results["reference"],
+                                           strict=True):
+                assert_grad_close(got, expected, 1e-10, f"{label}: {what} {part}")
+            reference.assert_state(blockwise if what == "blockwise" else head.margin, f"{label}: {what}")
+        if "hard" in reference.last:
+            assert reference.last["hard"].any(), f"{label}: the batch needs hard negatives"

@@ -19,6 +19,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
+        # mkstemp creates 0600; the output gets the mode an ordinary open() gives, so runs can be shared
+        os.chmod(temporary, default_file_mode())
         yield Path(temporary)
         with open(temporary, "rb+") as stream:
             os.fsync(stream.fileno())
@@ -27,6 +29,13 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def default_file_mode() -> int:
+    """0o666 less the process umask: the mode `open(path, "w")` would give a new file."""
+    mask = os.umask(0o022)  # reading the umask means setting it; it is put back at once
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

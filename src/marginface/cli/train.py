@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines (train.log is still written)")
     parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     parser.set_defaults(func=run)
 
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             config = config_from_dict(raw)
         run_dir = args.out or f"runs/{config.head.margin}-{time.strftime('%Y%m%d-%H%M%S')}"
     metrics = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun the summary is rank 0's to print
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

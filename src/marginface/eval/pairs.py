@@ -12,7 +12,6 @@ import io
 import os
 import pickle
 import pickletools
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from marginface.errors import ConfigError, DataFormatError
+from marginface.fileio import atomic_write_bytes
 
 __all__ = ["ALLOWED_GLOBALS", "PairSet", "load_pair_sets", "load_pairs", "save_pairs"]
 
@@ -394,14 +394,5 @@ def save_pairs(
     if len(blobs) != 2 * len(flags):
         raise DataFormatError(f"{path}: {len(flags)} pairs need {2 * len(flags)} images, got {len(blobs)}")
     payload = pickle.dumps((blobs, flags), protocol=4)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, payload)
     return path

@@ -29,6 +29,7 @@ from marginface.train.checkpoint import CheckpointManager, load_checkpoint, rng_
 from marginface.train.config import Config, config_from_dict, save_config
 from marginface.train.distributed import World, scale_gradient, setup, teardown
 from marginface.train.optim import build_optimizer, learning_rate, set_learning_rate
+from marginface.train.progress import ProgressReporter, SilentReporter
 from marginface.train.reporting import RunLog, write_json, write_report
 
 
@@ -173,11 +174,10 @@ class Trainer:
         if resume:
             self._resume()
         self.model = self._wrap_for_processes()
-        self.progress_bar = None
-        if progress and world.is_main:
-            from tqdm import tqdm
-
-            self.progress_bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step", dynamic_ncols=True)
+        self.progress: ProgressReporter = SilentReporter()
+        if world.is_main:
+            self.progress = ProgressReporter(self.total_steps, self.state.step, show=progress,
+                                             log_path=self.run_dir / "train.log" if self.write_outputs else None)
         self._window = (0.0, 0, time.perf_counter(), 0)  # loss sum, steps, start time, images
 
     # -- construction, step by step -------------------------------------------------------------------------
@@ -246,7 +246,7 @@ class Trainer:
         self.log.truncate_after(self.state.step)
         if self.world.is_main:
             print(f"resumed {self.run_dir} at step {self.state.step} of {self.total_steps} "
-                  f"(epoch {self.sampler.epoch})", flush=True)
+                  f"(epoch {self.sampler.epoch})", file=sys.stderr, flush=True)
 
     def _wrap_for_processes(self) -> nn.Module:
         """The module the step runs: itself on one process; under DDP, all of it, or only the backbone when the
@@ -423,8 +423,7 @@ class Trainer:
             self._window = (loss_sum + loss_value, count + 1, start, window_images + images)
             if log_this_step:
                 self._log_step(lr)
-            if self.progress_bar is not None:
-                self.progress_bar.update(1)
+            self.progress.update(1)
             last = state.step == self.total_steps
             if evaluate and ((config.train.eval_every and state.step % config.train.eval_every == 0) or last):
                 self.evaluate(log=True)
@@ -436,10 +435,7 @@ class Trainer:
         """A line for the user, from any rank (a damaged record is found by the rank that reads it)."""
         if self.world.distributed:
             line = f"rank {self.world.rank}: {line}"
-        if self.progress_bar is not None:
-            self.progress_bar.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
+        self.progress.write(line)
 
     def _skip(self, loss_value: float, indices: list[int]) -> None:
         state, config = self.state, self.config
@@ -447,8 +443,8 @@ class Trainer:
         state.skipped_steps.append(state.step)
         gathered = self.world.gather_objects(indices)
         if self.world.is_main:
-            print(f"step {state.step}: non-finite loss or gradient (loss {loss_value}), step skipped; "
-                  f"sample indices {sorted(i for part in gathered for i in part)}", flush=True)
+            self.progress.write(f"step {state.step}: non-finite loss or gradient (loss {loss_value}), step skipped; "
+                                f"sample indices {sorted(i for part in gathered for i in part)}")
             self.log.write({"step": state.step, "skipped": True, "sample_indices": gathered})
         if state.nonfinite_in_a_row >= config.train.max_nonfinite:
             raise NonFiniteLossError(
@@ -465,12 +461,11 @@ class Trainer:
         for key, value in getattr(self.module.head, "last_statistics", {}).items():
             record[f"margin/{key}"] = value
         self.log.write(record)
-        if self.progress_bar is not None:
-            postfix = {"loss": f"{record['train/loss']:.3f}", "lr": f"{lr:.3g}",
-                       "img/s": f"{record['train/images_per_second']:.0f}"}
-            if "margin/t" in record:
-                postfix["t"] = f"{record['margin/t']:.3f}"
-            self.progress_bar.set_postfix(postfix, refresh=False)
+        postfix = {"loss": f"{record['train/loss']:.3f}", "lr": f"{lr:.3g}",
+                   "img/s": f"{record['train/images_per_second']:.0f}"}
+        if "margin/t" in record:
+            postfix["t"] = f"{record['margin/t']:.3f}"
+        self.progress.set_postfix(postfix)
         self._window = (0.0, 0, time.perf_counter(), 0)
 
     def evaluate(self, log: bool = False) -> dict[str, dict]:
@@ -492,16 +487,13 @@ class Trainer:
                 record[f"verification/{name}/accuracy"] = result["accuracy"]
                 record[f"verification/{name}/std"] = result["std"]
             self.log.write(record)
-            if self.progress_bar is not None:
-                self.progress_bar.write(f"step {self.state.step}: " + ", ".join(
-                    f"{n} {100 * r['accuracy']:.2f}±{100 * r['std']:.2f}" for n, r in results.items()))
+            self.progress.write(f"step {self.state.step}: " + ", ".join(
+                f"{n} {100 * r['accuracy']:.2f}±{100 * r['std']:.2f}" for n, r in results.items()))
         return results
 
     def finish(self) -> dict:
         """metrics.json, model.safetensors and report.md; returns the metrics."""
-        if self.progress_bar is not None:
-            self.progress_bar.close()
-            self.progress_bar = None
+        self.progress.close()
         # Evidence that margin state agrees across ranks (CurricularFace's t comes from all-reduced statistics).
         margin_states = self.world.gather_objects(
             {k: v.tolist() for k, v in getattr(self.module.head, "margin", nn.Module()).state_dict().items()}
@@ -560,8 +552,7 @@ class Trainer:
                 for rank in range(self.world.world_size)]
 
     def close(self) -> None:
-        if self.progress_bar is not None:
-            self.progress_bar.close()
+        self.progress.close()
         self.log.close()
 
 

@@ -149,3 +149,19 @@ def test_train_margin_sphereface_runs_and_says_what_carried(cache, tmp_path):
     result = subprocess.run(command, env=cache, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "--margin sphereface: carried over nothing; its defaults for the rest (m=4, base=1000.0" in result.stderr
+
+
+@pytest.mark.parametrize("args,source", [
+    (["--config", "configs/arcface_ms1mv2_r100.yaml"], "configs/arcface_ms1mv2_r100.yaml (train: device:) asks"),
+    (["--device", "cuda"], "--device cuda asks"),
+    (["train.device=cuda"], "the override train.device=cuda asks"),
+])
+def test_a_cuda_request_without_cuda_names_where_it_came_from(args, source, monkeypatch, capsys, tmp_path):
+    from marginface import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert source in err and "pass --device cpu" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written

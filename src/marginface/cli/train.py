@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     parser.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where to train (default auto)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar or status lines (train.log is still written)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar or status lines (train.log is still written)")
     parser.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     parser.set_defaults(func=run)
 
@@ -83,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             raw["head"] = {**raw["head"], "margin": found["margin"], "params": found["params"]}
             config = config_from_dict(raw)
         run_dir = args.out or f"runs/{config.head.margin}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_device(config.train.device, device_source(args))
     metrics = train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun the summary is rank 0's to print
@@ -98,3 +100,29 @@ def run(args: argparse.Namespace) -> int:
 def listing(params: dict[str, Any]) -> str:
     """`k=v, k=v` for a message."""
     return ", ".join(f"{key}={value}" for key, value in params.items())
+
+
+def device_source(args: argparse.Namespace) -> str:
+    """Where train.device came from, for a message: the flag, an override, the resumed run or the config file."""
+    if args.device is not None:
+        return f"--device {args.device}"
+    if any(o.startswith("train.device=") for o in args.overrides):
+        return "the override " + [o for o in args.overrides if o.startswith("train.device=")][-1]
+    if args.resume:
+        return f"{args.resume}/config.yaml (train: device:)"
+    if args.config:
+        return f"{args.config} (train: device:)"
+    return "the default train.device"
+
+
+def check_device(device: str, source: str) -> None:
+    """Refuse a CUDA request on a machine without CUDA before anything is built, naming who asked."""
+    import torch
+
+    from marginface.errors import ConfigError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{source} asks for CUDA, but torch sees no CUDA device (is this the CPU build?); "
+            "pass --device cpu (or --device auto) to train here"
+        )

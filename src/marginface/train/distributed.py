@@ -92,7 +92,7 @@ def setup(device_request: str = "auto") -> World:
     if use_cuda and not torch.cuda.is_available():
         from marginface.errors import ConfigError
 
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA device (is this the CPU build?)")
+        raise ConfigError("train.device=cuda was asked for, but torch sees no CUDA device (is this the CPU build?)")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -15,8 +15,10 @@ import torch
 from torch.utils.data import Dataset
 
 from marginface.data.decode import decode_rgb
+from marginface.data.decode import image_size as encoded_size
 from marginface.data.folders import open_source
 from marginface.data.transforms import FaceTransform
+from marginface.errors import DataFormatError
 
 
 class FaceDataset(Dataset):
@@ -36,6 +38,14 @@ class FaceDataset(Dataset):
         self.source = source
         self.transform = FaceTransform(image_size=image_size, flip_p=flip_p, seed=seed)
         self.epoch = 0
+        # Without a resize every image must have one size, or a batch cannot be stacked: the stored size, or
+        # the first image's, is the one the others are held to.
+        self._kept_size: tuple[int, int] | None = None
+        if self.transform.size_hw is None and len(source):
+            try:
+                self._kept_size = source.image_size or encoded_size(source.read_bytes(0)[0], source.describe_item(0))
+            except DataFormatError:  # a damaged first image is reported when it is read, like any other
+                self._kept_size = None
 
     # -- metadata ------------------------------------------------------------------------------------------
     @property
@@ -87,7 +97,18 @@ class FaceDataset(Dataset):
         data, label = self.source.read_bytes(index)
         # Decoding straight to the training size lets JPEGs use DCT scaling when the ratio is 2, 4 or 8.
         image = decode_rgb(data, where=lambda: self.source.describe_item(index), size=self.transform.size_hw)
+        if self._kept_size is not None and image.shape[:2] != self._kept_size:
+            self._refuse_size(index, image.shape[:2])
         return self.transform(image, index=index, epoch=self.epoch), label
+
+    def _refuse_size(self, index: int, got: tuple[int, int]) -> None:
+        height, width = self._kept_size
+        reference = "the set's property" if self.source.image_size else "the first image"
+        raise DataFormatError(
+            f"{self.source.describe_item(index)}: image is {got[0]}x{got[1]}, but {reference} says {height}x{width} "
+            f"and data.image_size=null keeps stored sizes; set data.image_size={height} to resize every image, or "
+            f"repack with `marginface data pack --size {height}x{width}`"
+        )
 
     def _check_index(self, index: int) -> int:
         index = int(index)

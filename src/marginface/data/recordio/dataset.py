@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ def write_identity_dataset(
     out_dir: str | os.PathLike,
     samples: Iterable[tuple[int, bytes]],
     num_classes: int,
-    image_size: tuple[int, int] = (112, 112),
+    image_size: tuple[int, int] | Callable[[], tuple[int, int]] = (112, 112),
     flat: bool = False,
     label_array: bool = False,
 ) -> dict:
@@ -58,6 +58,7 @@ def write_identity_dataset(
     records `[first, end)` at keys N+1..N+C. `flat=True` writes the im2rec layout (images at keys 0..N-1, no
     header or identity records). `label_array=True` stores face2rec2-style `[class, 1.0]` labels.
     Samples must come in ascending label order; files appear under their final names only when complete.
+    `image_size` may be a callable, asked once every sample has been written.
     """
     out_dir = Path(out_dir)
     num_classes = int(num_classes)
@@ -98,6 +99,8 @@ def write_identity_dataset(
                 writer.write(key, pack_header([float(starts[cls]), float(ends[cls])], record_id=key))
             header = pack_header([float(images + 1), float(images + 1 + num_classes)], record_id=0)
             writer.overwrite(header_offset, frame_record(header))
+    if callable(image_size):  # known only once the samples are read (e.g. packing without --size)
+        image_size = image_size()
     write_property(out_dir / "property", num_classes, image_size, images)
     return {
         "path": str(out_dir),

@@ -360,65 +360,104 @@ def tar_at_far(
         raise ConfigError(f"rule must be 'floor' or 'nearest', got {rule!r}")
     scores, labels = _scores_and_labels(scores, labels)
     targets = _fars(fars)
-    genuine = np.sort(scores[labels])
-    impostor = scores[~labels]
+    genuine, impostor = _split_scores(scores, labels)
     n_imp, n_gen = impostor.size, genuine.size
     if n_imp == 0 or n_gen == 0:
         raise ConfigError(f"tar_at_far needs both genuine and impostor scores, got {n_gen} and {n_imp}")
-    kmax = max(int(np.floor(x * n_imp)) for x in targets)
-    # nearest: the answer lies at FPR ~ far, but sklearn drops the inner points of straight stretches of the
-    # ROC, so the nearest corner can be thousands of impostors away in the bulk; a margin of 1/32 of the tail
-    # costs little (the sort is of the tail anyway) and is checked below, else widened to every impostor
-    margin = max(64, kmax // 32) if rule == "nearest" else (64 if refine is not None else 1)
-    m = min(n_imp, kmax + margin)
+    m = _tail_size(targets, n_imp, rule, refining=refine is not None)
     top = _top_impostors(impostor, m)
     if refine is not None:
-        windows = []
-        for x in targets:
-            k = int(np.floor(x * n_imp))
-            if k >= n_imp:
-                continue
-            high, low = top[max(0, k - 64)], top[min(top.size - 1, k + 64)]
-            if rule == "nearest":
-                # the corners that decide the nearest point sit at genuine scores: reach the second genuine
-                # score beyond each end
-                above = np.searchsorted(genuine, high, side="right") + 1
-                below = np.searchsorted(genuine, low, side="left") - 2
-                high = genuine[above] if above < n_gen else np.inf
-                low = genuine[below] if below >= 0 else -np.inf
-            windows.append((float(low) - refine_tolerance, float(high) + refine_tolerance))
-        # one pass over the scores: merged closed windows as sorted edges, inside = odd edge count
-        edges: list[float] = []
-        for low, high in sorted(windows):
-            if edges and low <= edges[-1]:
-                edges[-1] = max(edges[-1], np.nextafter(high, np.inf))
-            else:
-                edges += [low, np.nextafter(high, np.inf)]
-        inside = np.searchsorted(np.asarray(edges), scores, side="right") % 2 == 1
-        index = np.flatnonzero(inside)
-        exact = scores.astype(np.float64)
-        exact[index] = np.asarray(refine(index), dtype=np.float64).reshape(-1)
-        genuine = np.sort(exact[labels])
-        impostor = exact[~labels]
-        # scores moved by less than the tolerance, so the new top m lie above the old cutoff - tolerance
-        candidates = impostor[impostor >= float(top[-1]) - refine_tolerance] if m < n_imp else impostor
-        top = _top_impostors(candidates if candidates.size >= m else impostor, m)
+        windows = _refine_windows(targets, top, genuine, n_imp, rule, refine_tolerance)
+        exact = _refined_scores(scores, windows, refine)
+        genuine, impostor = _split_scores(exact, labels)
+        top = _refined_top(impostor, top, m, refine_tolerance)
     if rule == "floor":
-        out = {}
-        for x in targets:
-            k = int(np.floor(x * n_imp))
-            if k >= n_imp:
-                out[x] = 1.0
-                continue
-            out[x] = float((n_gen - np.searchsorted(genuine, top[k], side="right")) / n_gen)
-        return out
+        return _tar_floor(top, genuine, n_imp, targets)
     out = _tar_nearest(top, genuine, n_imp, targets)
     if out is None:  # a long collinear stretch of the ROC crosses the margin: use every impostor
         out = _tar_nearest(_top_impostors(impostor, n_imp), genuine, n_imp, targets)
     return out
 
 
-def _tar_nearest(top_desc, genuine, n_imp, targets) -> dict[float, float] | None:
+def _split_scores(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine scores sorted ascending, impostor scores in input order)."""
+    return np.sort(scores[labels]), scores[~labels]
+
+
+def _tail_size(targets: list[float], n_imp: int, rule: str, *, refining: bool) -> int:
+    """How many of the largest impostor scores the table needs: those every target may accept, plus a margin."""
+    kmax = max(int(np.floor(x * n_imp)) for x in targets)
+    # nearest: the answer lies at FPR ~ far, but sklearn drops the inner points of straight stretches of the
+    # ROC, so the nearest corner can be thousands of impostors away in the bulk; a margin of 1/32 of the tail
+    # costs little (the sort is of the tail anyway) and is checked by `_tar_nearest`, else widened to every
+    # impostor. refine: its windows reach 64 ranks past each target (`_refine_windows`).
+    margin = max(64, kmax // 32) if rule == "nearest" else (64 if refining else 1)
+    return min(n_imp, kmax + margin)
+
+
+def _refine_windows(
+    targets: list[float], top: np.ndarray, genuine: np.ndarray, n_imp: int, rule: str, tolerance: float
+) -> list[tuple[float, float]]:
+    """Score intervals, widened by ``tolerance``, that decide the targets: the scores to recompute exactly."""
+    n_gen = genuine.size
+    windows = []
+    for x in targets:
+        k = int(np.floor(x * n_imp))
+        if k >= n_imp:  # accepts every impostor: no threshold to get right
+            continue
+        high, low = top[max(0, k - 64)], top[min(top.size - 1, k + 64)]
+        if rule == "nearest":
+            # the corners that decide the nearest point sit at genuine scores: reach the second genuine
+            # score beyond each end
+            above = np.searchsorted(genuine, high, side="right") + 1
+            below = np.searchsorted(genuine, low, side="left") - 2
+            high = genuine[above] if above < n_gen else np.inf
+            low = genuine[below] if below >= 0 else -np.inf
+        windows.append((float(low) - tolerance, float(high) + tolerance))
+    return windows
+
+
+def _refined_scores(
+    scores: np.ndarray, windows: list[tuple[float, float]], refine: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """float64 copy of ``scores`` with every score inside a window replaced by ``refine``'s exact value."""
+    # one pass over the scores: merged closed windows as sorted edges, inside = odd edge count
+    edges: list[float] = []
+    for low, high in sorted(windows):
+        if edges and low <= edges[-1]:
+            edges[-1] = max(edges[-1], np.nextafter(high, np.inf))
+        else:
+            edges += [low, np.nextafter(high, np.inf)]
+    inside = np.searchsorted(np.asarray(edges), scores, side="right") % 2 == 1
+    index = np.flatnonzero(inside)
+    exact = scores.astype(np.float64)
+    exact[index] = np.asarray(refine(index), dtype=np.float64).reshape(-1)
+    return exact
+
+
+def _refined_top(impostor: np.ndarray, old_top: np.ndarray, m: int, tolerance: float) -> np.ndarray:
+    """`_top_impostors` of the refined impostor scores, searched near the old tail rather than among all."""
+    # scores moved by less than the tolerance, so the new top m lie above the old cutoff - tolerance
+    candidates = impostor[impostor >= float(old_top[-1]) - tolerance] if m < impostor.size else impostor
+    return _top_impostors(candidates if candidates.size >= m else impostor, m)
+
+
+def _tar_floor(top: np.ndarray, genuine: np.ndarray, n_imp: int, targets: list[float]) -> dict[float, float]:
+    """The "floor" rule: the threshold is the (k+1)-th largest impostor, k = floor(far * N); accept strictly above."""
+    n_gen = genuine.size
+    out = {}
+    for x in targets:
+        k = int(np.floor(x * n_imp))
+        if k >= n_imp:
+            out[x] = 1.0
+            continue
+        out[x] = float((n_gen - np.searchsorted(genuine, top[k], side="right")) / n_gen)
+    return out
+
+
+def _tar_nearest(
+    top_desc: np.ndarray, genuine: np.ndarray, n_imp: int, targets: list[float]
+) -> dict[float, float] | None:
     """eval_ijbc's nearest-FPR rule on the ROC prefix made of the scores >= the smallest of ``top_desc``.
 
     Counts at thresholds in the prefix are those of the full ROC, so the kept corners and FPR/TPR values

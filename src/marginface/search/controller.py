@@ -12,9 +12,10 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,12 @@ import torch
 from marginface.errors import ConfigError, MarginfaceError
 from marginface.search.distributions import REWARD_NORMALISATIONS, GaussianPolicy
 from marginface.search.spaces import SPACES, SearchSpace, create_space
+
+if TYPE_CHECKING:  # annotations only: the training layer is imported where it runs, not with this module
+    from marginface.eval.pairs import PairSet
+    from marginface.train.config import Config
+    from marginface.train.distributed import World
+    from marginface.train.trainer import Trainer
 
 # Whether the method updates its distribution, and its default σ and Adam learning rate on the search variables.
 METHODS: dict[str, dict[str, Any]] = {
@@ -58,6 +65,7 @@ class SearchSettings:
     initial_margin: float | None = None  # Search-/Random-Softmax: equivalent margin of the initial mean (None: ~1/3)
 
     def validate(self) -> None:
+        """Raise a ConfigError naming the option for the first invalid setting."""
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method!r} is invalid: expected one of {', '.join(METHODS)}")
         if self.mode not in MODES:
@@ -84,20 +92,23 @@ class SearchSettings:
 
     @property
     def updates(self) -> bool:
+        """Whether the method learns its distribution (Random-Softmax does not)."""
         return METHODS[self.method]["update"]
 
     def resolved(self, name: str) -> float:
+        """The setting `name` (sigma, policy_lr), or the method's default where it is None."""
         value = getattr(self, name)
         return METHODS[self.method][name] if value is None else value
 
 
 def check_int(option: str, value: Any, minimum: int, why: str) -> None:
+    """Raise a ConfigError unless `value` is an integer (not a bool) >= `minimum`; `why` explains the bound."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         reason = f" ({why})" if why else ""
         raise ConfigError(f"{option}={value!r} is invalid: expected an integer >= {minimum}{reason}")
 
 
-def load_reward_pairs(paths: list[str]) -> list:
+def load_reward_pairs(paths: list[str]) -> list[PairSet]:
     """Read the reward pair sets up front: an unreadable one is an error before any training."""
     from marginface.eval import load_pairs
     from marginface.eval.pairs import pair_files
@@ -119,6 +130,7 @@ def sample_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def to_cpu(tree: Any) -> Any:
+    """A copy of a nested state (dicts, lists, tuples) with every tensor detached and on the CPU."""
     if isinstance(tree, torch.Tensor):
         return tree.detach().cpu()
     if isinstance(tree, dict):
@@ -133,21 +145,24 @@ def to_cpu(tree: Any) -> Any:
 class Candidates:
     """Trains a set of candidate losses for one epoch from a common state; sequential or one per rank."""
 
-    def __init__(self, trainer, global_world=None) -> None:
+    def __init__(self, trainer: Trainer, global_world: World | None = None) -> None:
         self.trainer = trainer
         self.global_world = global_world  # None: sequential
 
     @property
     def is_main(self) -> bool:
+        """Whether this process writes the search's outputs."""
         return self.global_world is None or self.global_world.is_main
 
     def set_margin(self, margin_config: dict[str, Any]) -> None:
+        """Give the trainer's head the margin of `margin_config` ({"margin", "params"})."""
         from marginface import margins
 
         margin = margins.create(margin_config["margin"], **margin_config["params"])
         self.trainer.module.head.margin = margin.to(self.trainer.world.device)
 
     def train_one(self, start_state: dict, margin_config: dict, steps: int) -> tuple[float, dict[str, float]]:
+        """Train one candidate `steps` steps from `start_state`; (reward, accuracy of each pair set)."""
         trainer = self.trainer
         trainer.load_state_dict(copy.deepcopy(start_state))  # the optimiser would alias the state's tensors
         self.set_margin(margin_config)  # after loading: the state holds the previous candidate's margin buffers
@@ -189,7 +204,7 @@ class Candidates:
         return rewards, accuracies, best
 
 
-def prepare_config(config, settings: SearchSettings, space: SearchSpace):
+def prepare_config(config: Config, settings: SearchSettings, space: SearchSpace) -> Config:
     """The training config of the search: the head starts with the warm-up loss (so saved states load back)."""
     from marginface.train.config import config_from_dict
 
@@ -201,13 +216,14 @@ def prepare_config(config, settings: SearchSettings, space: SearchSpace):
     return config_from_dict(raw)
 
 
-def search_space_for(settings: SearchSettings, config) -> SearchSpace:
+def search_space_for(settings: SearchSettings, config: Config) -> SearchSpace:
+    """The search space of the settings' method, at the head's scale s."""
     s = float(config.head.params.get("s", 32.0))
     return create_space(settings.method, s, settings.space, bins=settings.bins, pieces=settings.pieces,
                         search_tau=settings.search_tau, initial_margin=settings.initial_margin)
 
 
-def run_search(settings: SearchSettings, config, out_dir: str | os.PathLike, progress: bool = True) -> dict:
+def run_search(settings: SearchSettings, config: Config, out_dir: str | os.PathLike, progress: bool = True) -> dict:
     """Run a new search into ``out_dir`` (or continue it: see `resume_search`); returns search.json's content."""
     settings.validate()
     out_dir = Path(out_dir)
@@ -234,9 +250,29 @@ def resume_search(out_dir: str | os.PathLike, progress: bool = True) -> dict:
     return _run(settings, config_from_dict(state["config"]), out_dir, state, progress)
 
 
-def _run(settings: SearchSettings, config, out_dir: Path, saved: dict | None, progress: bool) -> dict:
+@dataclass
+class SearchRun:
+    """What the epoch loop works with: the search, its training config and trainer, and where it writes."""
+
+    settings: SearchSettings
+    config: Config  # as prepared by `prepare_config`, spanning the whole search with its schedule
+    out_dir: Path
+    space: SearchSpace
+    trainer: Trainer
+    steps: int  # training steps of each candidate in each epoch
+    global_world: World | None  # None: sequential
+    progress: bool
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the search's outputs."""
+        return self.global_world is None or self.global_world.is_main
+
+
+def _run(settings: SearchSettings, config: Config, out_dir: Path, saved: dict | None, progress: bool) -> dict:
+    """Set up the world and the trainer, run the epochs, and tear them down whatever happens."""
     from marginface.train.distributed import World, setup, teardown
-    from marginface.train.trainer import Trainer, export_model
+    from marginface.train.trainer import Trainer
 
     space = search_space_for(settings, config)
     config = prepare_config(config, settings, space)
@@ -256,7 +292,6 @@ def _run(settings: SearchSettings, config, out_dir: Path, saved: dict | None, pr
             raise ConfigError("--mode sequential trains the candidates in one process; under torchrun use --mode ranks")
         global_world = None
         local_world = setup(config.train.device)
-    is_main = global_world is None or global_world.is_main
     try:
         trainer = Trainer(config, out_dir / "trainer", local_world, progress=False, write_outputs=False)
         try:
@@ -268,83 +303,117 @@ def _run(settings: SearchSettings, config, out_dir: Path, saved: dict | None, pr
             # The learning rate is a function of (step, total steps): span the whole search with the schedule.
             trainer.total_steps = settings.epochs * steps
             config.train.max_steps = trainer.total_steps
-            return _epochs(settings, config, out_dir, saved, progress, space, trainer, steps, global_world,
-                           is_main, export_model)
+            run = SearchRun(settings, config, out_dir, space, trainer, steps, global_world, progress)
+            return _epochs(run, saved)
         finally:
             trainer.close()
     finally:
         teardown(global_world if global_world is not None else local_world)
 
 
-def _epochs(settings, config, out_dir, saved, progress, space, trainer, steps, global_world, is_main,
-            export_model) -> dict:
-    from marginface.train.checkpoint import atomic_write_bytes
+def _epochs(run: SearchRun, saved: dict | None) -> dict:
+    """Run the search's remaining epochs (all of them, or those after the `saved` state); return its summary."""
+    policy, candidates, records, start_epoch = _start(run, saved)
+    for epoch in range(start_epoch, run.settings.epochs):
+        record, best_margin = _search_epoch(run, policy, candidates, epoch)
+        records.append(record)
+        if run.is_main:
+            _record_epoch(run, policy, records, best_margin)
+    return _finish(run, policy, records)
 
-    policy = GaussianPolicy(space.initial_mean(), sigma=settings.resolved("sigma"), learn_sigma=settings.learn_sigma,
-                            lr=settings.resolved("policy_lr"), normalisation=settings.normalisation)
-    candidates = Candidates(trainer, global_world)
+
+def _start(run: SearchRun, saved: dict | None) -> tuple[GaussianPolicy, Candidates, list[dict], int]:
+    """The initial policy, candidates, epoch records and first epoch: fresh, or restored from `saved`."""
+    settings = run.settings
+    policy = GaussianPolicy(run.space.initial_mean(), sigma=settings.resolved("sigma"),
+                            learn_sigma=settings.learn_sigma, lr=settings.resolved("policy_lr"),
+                            normalisation=settings.normalisation)
+    candidates = Candidates(run.trainer, run.global_world)
     records: list[dict] = []
     start_epoch = 0
     if saved is not None:
         policy.load_state_dict(saved["policy"])
-        trainer.load_state_dict(saved["trainer"])
+        run.trainer.load_state_dict(saved["trainer"])
         candidates.set_margin(json.loads(saved["margin"]))
         records = json.loads(saved["records"])
         start_epoch = int(saved["epoch"])
-        if is_main:  # always said, as `marginface train --resume` does
-            print(f"resumed {out_dir} after epoch {start_epoch} of {settings.epochs}", flush=True)
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if run.is_main:  # always said, as `marginface train --resume` does
+            print(f"resumed {run.out_dir} after epoch {start_epoch} of {settings.epochs}", flush=True)
+    if run.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+    return policy, candidates, records, start_epoch
 
-    for epoch in range(start_epoch, settings.epochs):
-        before = policy.describe()
-        warmup = epoch < settings.warmup_epochs
-        if warmup:
-            samples = torch.tensor([space.initial_mean()], dtype=torch.float64)
-        else:
-            samples = policy.sample(settings.candidates, sample_generator(config.train.seed, epoch))
-        margin_configs = [space.margin_config(x) for x in samples]
-        rewards, accuracies, best = candidates.run_epoch(margin_configs, steps)
-        if not warmup and settings.updates:
-            policy.update(samples, rewards)
-        record = {
-            "epoch": epoch,
-            "warmup": warmup,
-            "distribution_before": before,
-            "distribution_after": policy.describe(),
-            "candidates": [{"params": space.describe(x), "reward": r, "accuracies": a}
-                           for x, r, a in zip(samples, rewards, accuracies, strict=True)],
-            "best": best,
-            "step": trainer.state.step,
-        }
-        records.append(record)
-        if is_main:
-            state = {
-                "format": STATE_FORMAT,
-                "epoch": epoch + 1,
-                "settings": dataclasses.asdict(settings),
-                "config": config.to_dict(),
-                "policy": policy.state_dict(),
-                "trainer": to_cpu(trainer.state_dict()),
-                "margin": json.dumps(margin_configs[best]),
-                "records": json.dumps(records),
-            }
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
-            atomic_write_bytes(out_dir / STATE_FILE, buffer.getvalue())
-            # search.json after the state: it never shows an epoch that a resume would not start after
-            summary = build_summary(settings, config, space, policy, records, steps)
-            write_json(out_dir / SEARCH_JSON, summary, atomic_write_bytes)
-            if progress:
-                print(epoch_line(record, settings.epochs), file=sys.stdout, flush=True)
-    summary = build_summary(settings, config, space, policy, records, steps)
-    if is_main:
-        export_model(trainer.module.backbone, out_dir / "model.safetensors")
-        summary["model"] = str(out_dir / "model.safetensors")
-        from marginface.search.plots import plot_search
 
-        summary["plots"] = [str(p) for p in plot_search(summary, out_dir / "plots")]
-        write_json(out_dir / SEARCH_JSON, summary, atomic_write_bytes)
+def _search_epoch(
+    run: SearchRun, policy: GaussianPolicy, candidates: Candidates, epoch: int
+) -> tuple[dict, dict[str, Any]]:
+    """Sample the epoch's losses, train them, keep the best and update the policy; (record, best margin config)."""
+    before = policy.describe()
+    warmup = epoch < run.settings.warmup_epochs
+    samples = _epoch_samples(run, policy, epoch, warmup)
+    margin_configs = [run.space.margin_config(x) for x in samples]
+    # Leaves the best candidate's state (broadcast from its rank in "ranks" mode) in the trainer.
+    rewards, accuracies, best = candidates.run_epoch(margin_configs, run.steps)
+    if not warmup and run.settings.updates:
+        policy.update(samples, rewards)
+    record = {
+        "epoch": epoch,
+        "warmup": warmup,
+        "distribution_before": before,
+        "distribution_after": policy.describe(),
+        "candidates": [{"params": run.space.describe(x), "reward": r, "accuracies": a}
+                       for x, r, a in zip(samples, rewards, accuracies, strict=True)],
+        "best": best,
+        "step": run.trainer.state.step,
+    }
+    return record, margin_configs[best]
+
+
+def _epoch_samples(run: SearchRun, policy: GaussianPolicy, epoch: int, warmup: bool) -> torch.Tensor:
+    """The epoch's candidate points of the search space: the initial mean alone in a warm-up, else K draws."""
+    if warmup:
+        return torch.tensor([run.space.initial_mean()], dtype=torch.float64)
+    return policy.sample(run.settings.candidates, sample_generator(run.config.train.seed, epoch))
+
+
+def _record_epoch(run: SearchRun, policy: GaussianPolicy, records: list[dict], best_margin: dict[str, Any]) -> None:
+    """Save the resumable state after the last epoch of `records`, then search.json, then the progress line."""
+    from marginface.train.checkpoint import atomic_write_bytes
+
+    record = records[-1]
+    state = {
+        "format": STATE_FORMAT,
+        "epoch": record["epoch"] + 1,
+        "settings": dataclasses.asdict(run.settings),
+        "config": run.config.to_dict(),
+        "policy": policy.state_dict(),
+        "trainer": to_cpu(run.trainer.state_dict()),
+        "margin": json.dumps(best_margin),
+        "records": json.dumps(records),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(run.out_dir / STATE_FILE, buffer.getvalue())
+    # search.json after the state: it never shows an epoch that a resume would not start after
+    summary = build_summary(run.settings, run.config, run.space, policy, records, run.steps)
+    write_json(run.out_dir / SEARCH_JSON, summary, atomic_write_bytes)
+    if run.progress:
+        print(epoch_line(record, run.settings.epochs), file=sys.stdout, flush=True)
+
+
+def _finish(run: SearchRun, policy: GaussianPolicy, records: list[dict]) -> dict:
+    """The final summary; the main process also exports the model, draws the plots and writes search.json."""
+    summary = build_summary(run.settings, run.config, run.space, policy, records, run.steps)
+    if run.is_main:
+        from marginface.train.checkpoint import atomic_write_bytes
+        from marginface.train.trainer import export_model
+
+        export_model(run.trainer.module.backbone, run.out_dir / "model.safetensors")
+        summary["model"] = str(run.out_dir / "model.safetensors")
+        from marginface.search.plots import plot_search  # after the export: a plotting failure keeps the model
+
+        summary["plots"] = [str(p) for p in plot_search(summary, run.out_dir / "plots")]
+        write_json(run.out_dir / SEARCH_JSON, summary, atomic_write_bytes)
     return summary
 
 
@@ -357,7 +426,9 @@ def found_margin(settings: SearchSettings, space: SearchSpace, policy: GaussianP
     return {**last["candidates"][last["best"]]["params"], "source": "last_epoch_best_candidate"}
 
 
-def build_summary(settings, config, space, policy, records, steps) -> dict:
+def build_summary(settings: SearchSettings, config: Config, space: SearchSpace, policy: GaussianPolicy,
+                  records: list[dict], steps: int) -> dict:
+    """search.json's content after the epochs in `records` (the caller adds the model and plots at the end)."""
     last = records[-1]
     return {
         "method": settings.method,
@@ -373,11 +444,13 @@ def build_summary(settings, config, space, policy, records, steps) -> dict:
     }
 
 
-def write_json(path: Path, value: Any, atomic_write_bytes) -> None:
+def write_json(path: Path, value: Any, atomic_write_bytes: Callable[[Path, bytes], None]) -> None:
+    """Write `value` as indented JSON through `atomic_write_bytes`, so a reader never sees half a file."""
     atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def epoch_line(record: dict, epochs: int) -> str:
+    """The one-line progress report of an epoch: its rewards, best candidate and the distribution's mean."""
     rewards = ", ".join(f"{100 * c['reward']:.2f}" for c in record["candidates"])
     best = record["candidates"][record["best"]]["params"]
     margin = best.get("equivalent_margin")

@@ -8,7 +8,9 @@ five landmarks are forward-mapped through the same transforms and are exact, for
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -211,6 +213,21 @@ def _yaw_inverse(x: float, centre_x: float, radius: float, yaw: float) -> float:
     return float(_yaw_forward(np.asarray(x), centre_x, radius, -yaw))
 
 
+HeadRadius = Callable[[Any], Any]  # float -> float, array -> array: the head cylinder's radius at height v
+
+# Pixels the mouth corners rise per unit of smile; the landmarks and the drawn mouth must agree on it.
+_MOUTH_LIFT = 2.2
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The head's output window and its SDF and coverage there, which the later layers mask and light with."""
+
+    window: tuple[slice, slice]
+    sdf: np.ndarray
+    alpha: np.ndarray
+
+
 def render_face(
     face: FaceParams, nuisance: Nuisance, size: int = 112, frame: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -220,25 +237,57 @@ def render_face(
     by default the output is the aligned frame itself. The nuisance's rotation/scale/shift act before it.
     """
     f, nz = face, nuisance
+    to_output = _output_transform(nz, frame)
+    radius = _head_radius(f)
+    cv = _Canvas(size, to_output, f.head_centre[0], radius, nz.yaw)
+    nose, landmarks = _landmarks(f, nz, to_output, radius)
+
+    # Back to front: what lies behind the head, the head with its skin texture and hair, then the features.
+    _paint_background(cv, nz)
+    _paint_behind_head(cv, f, nz.yaw)
+    head = _paint_head(cv, f)
+    _paint_marks(cv, f, head)
+    hair_sdf = _paint_hair(cv, f, head)
+    _paint_nose(cv, f, nose)
+    _paint_mouth(cv, f, nz.smile)
+    _paint_eyes(cv, f, nz.blink)
+    if f.glasses or nz.sunglasses:
+        _paint_glasses(cv, f, nz.sunglasses)
+    if nz.light_strength > 0.0:
+        _light_head(cv, f, nz, head, hair_sdf)
+    return _degrade(cv.img, nz, size), landmarks
+
+
+def _output_transform(nz: Nuisance, frame: np.ndarray | None) -> np.ndarray:
+    """2x3 map from the canonical frame to output pixels: the nuisance's similarity, then `frame`."""
     to_output = similarity(nz.rotation, nz.scale, nz.shift)
     if frame is not None:
         to_output = compose(np.asarray(frame, dtype=np.float64), to_output)
-    cx, cy = f.head_centre
+    return to_output
+
+
+def _head_radius(f: FaceParams) -> HeadRadius:
+    """The head cylinder's radius at height v, narrowing towards the chin; scalar or array in, same out."""
+    cy = f.head_centre[1]
     ha, hb = f.head_axes
-    def radius(v):
+
+    def radius(v: Any) -> Any:
+        # A scalar path: `_Canvas.window` calls this on single points, where numpy would only add overhead.
         if isinstance(v, float):
             return ha * max(1.0 - f.chin * min(max((v - cy) / hb, 0.0), 1.0) ** 2, 0.5)
         return ha * np.maximum(1.0 - f.chin * np.clip((np.asarray(v) - cy) / hb, 0.0, 1.0) ** 2, 0.5)
 
-    cv = _Canvas(size, to_output, cx, radius, nz.yaw)
-    # Surface detail (features, marks, hairline) is drawn at canonical (u, v), which turns with the head;
-    # silhouettes (head, hair mass, ears, neck) at posed (x, v), since a turning head keeps its outline.
-    u, v, x = cv.u, cv.v, cv.posed_x
+    return radius
 
-    # Canonical positions of the five points. The nose tip stands out of the cylinder, so it moves further
-    # with yaw; it is drawn at the canonical point whose cylinder image is that displaced position.
-    smile = nz.smile
-    lift = 2.2 * smile
+
+def _landmarks(
+    f: FaceParams, nz: Nuisance, to_output: np.ndarray, radius: HeadRadius
+) -> tuple[tuple[float, float], np.ndarray]:
+    """(canonical point the nose is drawn at, the five landmarks in output pixels)."""
+    # The nose tip stands out of the cylinder, so it moves further with yaw; it is drawn at the canonical
+    # point whose cylinder image is that displaced position.
+    cx = f.head_centre[0]
+    lift = _MOUTH_LIFT * nz.smile
     mouth_l = (56.0 - f.mouth_half_width, f.mouth_y - lift)
     mouth_r = (56.0 + f.mouth_half_width, f.mouth_y - lift)
     r_nose = radius(f.nose_tip[1])
@@ -247,9 +296,12 @@ def render_face(
     canon = np.array([f.eye_left, f.eye_right, nose, mouth_l, mouth_r], dtype=np.float64)
     posed = canon.copy()
     posed[:, 0] = _yaw_forward(canon[:, 0], cx, radius(canon[:, 1]), nz.yaw)
-    landmarks = _apply(to_output, posed)
+    return nose, _apply(to_output, posed)
 
-    # Background: a linear gradient in output pixels.
+
+def _paint_background(cv: _Canvas, nz: Nuisance) -> None:
+    """Fill the canvas with the background: a linear gradient in output pixels, not turned with the face."""
+    size = cv.size
     ramp = np.arange(size, dtype=np.float32) / max(size - 1, 1) - 0.5
     g = np.clip(
         0.5 + ramp[None, :] * np.cos(nz.background_angle) + ramp[:, None] * np.sin(nz.background_angle), 0.0, 1.0
@@ -257,42 +309,58 @@ def render_face(
     bg0, bg1 = (np.asarray(c, dtype=np.float32) for c in nz.background)
     cv.img[:] = bg0 + g[..., None] * (bg1 - bg0)
 
+
+def _paint_behind_head(cv: _Canvas, f: FaceParams, yaw: float) -> None:
+    """Long hair falling behind the head, then the neck and the ears, which sit behind the face."""
+    # Silhouettes are drawn at posed (x, v), not canonical (u, v): a turning head keeps its outline.
+    x, v = cv.posed_x, cv.v
+    cx, cy = f.head_centre
+    ha, hb = f.head_axes
     skin = f.skin.astype(np.float32)
-    hair = f.hair.astype(np.float32)
-    # Long hair falls behind the head; ears and neck sit behind the face.
     if f.hair_side > 0.2:
         bottom = 62.0 + 40.0 * f.hair_side
         w = cv.window(cx - ha - 8, cy - hb - 5, cx + ha + 8, bottom + 1, posed=True)
         if w:
             back = np.maximum(_ellipse(x[w], v[w], cx, cy + 6.0, ha + 7.0, hb + 4.0), v[w] - bottom)
-            cv.paint(cv.alpha(back), hair * 0.85, w)
+            cv.paint(cv.alpha(back), f.hair.astype(np.float32) * 0.85, w)
     w = cv.window(cx - ha * 0.6, cy + hb * 0.4, cx + ha * 0.6, 200.0, posed=True)
     if w:
         cv.paint(cv.alpha(_capsule(x[w], v[w], (cx, cy + hb * 0.5), (cx, 240.0), ha * 0.55)), skin * 0.78, w)
     ear_y = f.eye_left[1] + 7.0
     for side in (-1.0, 1.0):
-        ex = cx + side * ha * 0.97 - 0.3 * ha * np.sin(nz.yaw)
+        ex = cx + side * ha * 0.97 - 0.3 * ha * np.sin(yaw)
         w = cv.window(ex - f.ear, ear_y - 2 * f.ear, ex + f.ear, ear_y + 2 * f.ear, posed=True)
         if w:
             cv.paint(cv.alpha(_ellipse(x[w], v[w], ex, ear_y, f.ear * 0.6, f.ear * 1.6)), skin * 0.9, w)
 
+
+def _paint_head(cv: _Canvas, f: FaceParams) -> _Head:
+    """Paint the skin of the head silhouette (narrowing to the chin) and return its window, SDF and coverage."""
+    cx, cy = f.head_centre
+    ha, hb = f.head_axes
     hw = cv.window(cx - ha - 6, cy - hb - 10, cx + ha + 6, cy + hb + 2, posed=True)
     if hw is None:  # the face is entirely off the picture: background only
         hw = (slice(0, 0), slice(0, 0))
-    uh, vh, xh = u[hw], v[hw], x[hw]
+    xh, vh = cv.posed_x[hw], cv.v[hw]
     width = ha * (1.0 - f.chin * np.clip((vh - cy) / hb, 0.0, 1.0) ** 2)
     head_sdf = (np.sqrt(((xh - cx) / width) ** 2 + ((vh - cy) / hb) ** 2) - 1.0) * min(ha, hb)
     head_alpha = cv.alpha(head_sdf)
-    cv.paint(head_alpha, skin, hw)
+    cv.paint(head_alpha, f.skin.astype(np.float32), hw)
+    return _Head(hw, head_sdf, head_alpha)
 
-    # Marks: signed soft blobs on the skin, the identity's high-capacity texture.
+
+def _paint_marks(cv: _Canvas, f: FaceParams, head: _Head) -> None:
+    """Marks: signed soft blobs on the skin, the identity's high-capacity texture."""
+    u, v, hw = cv.u, cv.v, head.window
     for mx, my, mr, ms in f.marks:
         w = cv.window(mx - 3 * mr, my - 3 * mr, mx + 3 * mr, my + 3 * mr)
         if w:
             blob = np.exp(((u[w] - mx) ** 2 + (v[w] - my) ** 2) * np.float32(-0.5 / (mr * mr)))
             rows, cols = w
+            # Masked by the head's coverage where the head window holds the blob's, so no mark shows on
+            # the background beside the face.
             inside = (
-                head_alpha[
+                head.alpha[
                     rows.start - hw[0].start : rows.stop - hw[0].start,
                     cols.start - hw[1].start : cols.stop - hw[1].start,
                 ]
@@ -301,22 +369,34 @@ def render_face(
             )
             cv.img[w] *= (1.0 + np.float32(ms) * blob * inside)[..., None]
 
-    if f.beard > 0.0:
-        beard = np.maximum(head_sdf + 1.0, (f.nose_tip[1] + 5.0) - vh)
-        cv.paint(cv.alpha(beard) * np.float32(0.85 * f.beard), hair * 0.8, hw)
 
+def _paint_hair(cv: _Canvas, f: FaceParams, head: _Head) -> np.ndarray:
+    """Beard, then the hair mass cut at the hairline; return the hair SDF over the head window (for the light)."""
+    hw = head.window
+    uh, vh, xh = cv.u[hw], cv.v[hw], cv.posed_x[hw]
+    cx, cy = f.head_centre
+    ha, hb = f.head_axes
+    hair = f.hair.astype(np.float32)
+    if f.beard > 0.0:
+        beard = np.maximum(head.sdf + 1.0, (f.nose_tip[1] + 5.0) - vh)
+        cv.paint(cv.alpha(beard) * np.float32(0.85 * f.beard), hair * 0.8, hw)
+    # The mass is a posed silhouette, the hairline a surface detail: it follows canonical u as the head turns.
     hair_sdf = _ellipse(xh, vh, cx, cy - 3.0, ha + 4.0, hb + 5.0)
     rel = (uh - cx - f.hair_part) / ha
     hair_bottom = f.hairline + (14.0 + 10.0 * f.hair_side) * rel * rel
     cv.paint(cv.alpha(np.maximum(hair_sdf, vh - hair_bottom)), hair, hw)
+    return hair_sdf
 
-    # Nose: side shading, then nostrils at the (yaw-displaced) tip.
+
+def _paint_nose(cv: _Canvas, f: FaceParams, nose: tuple[float, float]) -> None:
+    """Nose: side shading, then nostrils at the (yaw-displaced) tip."""
+    skin = f.skin.astype(np.float32)
     nx, ny = nose
     dark = skin * 0.72
     top = f.eye_left[1] + 6.0
     w = cv.window(nx - f.nose_width - 3, top - 2, nx + f.nose_width + 3, ny + 4)
     if w:
-        uw, vw = u[w], v[w]
+        uw, vw = cv.u[w], cv.v[w]
         for side in (-1.0, 1.0):
             ridge = _capsule(
                 uw, vw, (nx + side * f.nose_width * 0.4, top), (nx + side * f.nose_width * 0.95, ny - 1.5), 0.9
@@ -325,7 +405,10 @@ def render_face(
             nostril = _ellipse(uw, vw, nx + side * f.nose_width * 0.5, ny + 1.2, 1.7, 1.0)
             cv.paint(cv.alpha(nostril) * np.float32(0.9), skin * 0.35, w)
 
-    # Mouth: lips between two arcs through the corners, and the line between them.
+
+def _paint_mouth(cv: _Canvas, f: FaceParams, smile: float) -> None:
+    """Mouth: lips between two arcs through the corners, and the line between them."""
+    lift = _MOUTH_LIFT * smile
     mw = f.mouth_half_width
     w = cv.window(
         56.0 - mw - 2,
@@ -334,7 +417,7 @@ def render_face(
         f.mouth_y + 1.3 * abs(smile) + 2 * f.mouth_thick + 4,
     )
     if w:
-        uw, vw = u[w], v[w]
+        uw, vw = cv.u[w], cv.v[w]
         t = (uw - 56.0) / mw
         e = np.sqrt(np.clip(1.0 - t * t, 0.0, 1.0))
         line_y = f.mouth_y - lift + (1.3 * smile + lift) * (1.0 - t * t)
@@ -346,17 +429,21 @@ def render_face(
         mouth_line = np.maximum(np.abs(vw - line_y) - 0.55, (np.abs(t) - 1.0) * mw)
         cv.paint(cv.alpha(mouth_line) * np.float32(0.85), _LINE, w)
 
-    # Eyes: outline, sclera, iris and pupil, all centred on the landmark; a blink closes them to a line.
-    open_ = 1.0 - float(np.clip(nz.blink, 0.0, 1.0))
+
+def _paint_eyes(cv: _Canvas, f: FaceParams, blink: float) -> None:
+    """Eyes: outline, sclera, iris and pupil, all centred on the landmark, and the brows above them."""
+    # A blink closes the eye to a line rather than removing it: the landmark still marks something.
+    open_ = 1.0 - float(np.clip(blink, 0.0, 1.0))
     ew = f.eye_size
     eh = max(f.eye_size * f.eye_aspect * open_, 0.45)
     iris_r = f.eye_size * 0.48
+    brow_colour = f.hair.astype(np.float32) * 0.7
     for ex, ey in (f.eye_left, f.eye_right):
         side = -1.0 if ex < 56.0 else 1.0
         w = cv.window(ex - ew - 4, ey - f.brow_gap - f.brow_thick - 4, ex + ew + 4, ey + ew + 2)
         if not w:
             continue
-        uw, vw = u[w], v[w]
+        uw, vw = cv.u[w], cv.v[w]
         cv.paint(cv.alpha(_ellipse(uw, vw, ex, ey, ew + 0.8, eh + 0.8)) * np.float32(0.9), _LINE, w)
         if open_ > 0.0:
             sclera = cv.alpha(_ellipse(uw, vw, ex, ey, ew, eh))
@@ -365,32 +452,43 @@ def render_face(
             cv.paint(np.minimum(cv.alpha(dist - iris_r), sclera), f.iris.astype(np.float32), w)
             cv.paint(np.minimum(cv.alpha(dist - iris_r * 0.45), sclera), _LINE * 0.5, w)
         brow = _ellipse(uw, vw, ex + side * 0.8, ey - f.brow_gap, ew + 2.6, f.brow_thick, angle=side * f.brow_tilt)
-        cv.paint(cv.alpha(brow) * np.float32(0.92), hair * 0.7, w)
+        cv.paint(cv.alpha(brow) * np.float32(0.92), brow_colour, w)
 
-    if f.glasses or nz.sunglasses:
-        (lx, ly), (rx, ry) = f.eye_left, f.eye_right
-        w = cv.window(lx - ew - 7, min(ly, ry) - ew - 6, rx + ew + 7, max(ly, ry) + ew + 6)
-        if w:
-            uw, vw = u[w], v[w]
-            for ex, ey in (f.eye_left, f.eye_right):
-                lens = _ellipse(uw, vw, ex, ey, ew + 4.5, ew * 0.75 + 3.5)
-                if nz.sunglasses:
-                    cv.paint(cv.alpha(lens) * np.float32(0.88), _FRAME, w)
-                cv.paint(cv.alpha(np.abs(lens) - 0.7), _FRAME, w)
-            bridge = _capsule(uw, vw, (lx + ew + 4.0, ly - 1.0), (rx - ew - 4.0, ry - 1.0), 0.7)
-            cv.paint(cv.alpha(bridge), _FRAME, w)
 
-    # Light from a direction in the posed frame, on the head (a cylinder's normal) but not the background.
-    if nz.light_strength > 0.0:
-        nxp = np.clip((cv.posed_x[hw] - cx) / ha, -1.0, 1.0)
-        nyp = np.clip((cv.posed_y[hw] - cy) / hb, -1.0, 1.0)
-        shade = np.float32(nz.light_strength) * (
-            np.float32(np.cos(nz.light_angle)) * nxp + np.float32(np.sin(nz.light_angle)) * nyp
-        )
-        fg = np.maximum(head_alpha, cv.alpha(hair_sdf))
-        cv.img[hw] *= (1.0 + shade * fg)[..., None]
+def _paint_glasses(cv: _Canvas, f: FaceParams, sunglasses: bool) -> None:
+    """Glasses frames round both eyes and their bridge; sunglasses also darken the lenses."""
+    ew = f.eye_size
+    (lx, ly), (rx, ry) = f.eye_left, f.eye_right
+    w = cv.window(lx - ew - 7, min(ly, ry) - ew - 6, rx + ew + 7, max(ly, ry) + ew + 6)
+    if not w:
+        return
+    uw, vw = cv.u[w], cv.v[w]
+    for ex, ey in (f.eye_left, f.eye_right):
+        lens = _ellipse(uw, vw, ex, ey, ew + 4.5, ew * 0.75 + 3.5)
+        if sunglasses:
+            cv.paint(cv.alpha(lens) * np.float32(0.88), _FRAME, w)
+        cv.paint(cv.alpha(np.abs(lens) - 0.7), _FRAME, w)
+    bridge = _capsule(uw, vw, (lx + ew + 4.0, ly - 1.0), (rx - ew - 4.0, ry - 1.0), 0.7)
+    cv.paint(cv.alpha(bridge), _FRAME, w)
 
-    img = cv.img
+
+def _light_head(cv: _Canvas, f: FaceParams, nz: Nuisance, head: _Head, hair_sdf: np.ndarray) -> None:
+    """Directional light in the posed frame, on the head and hair (a cylinder's normal), not the background."""
+    cx, cy = f.head_centre
+    ha, hb = f.head_axes
+    hw = head.window
+    nxp = np.clip((cv.posed_x[hw] - cx) / ha, -1.0, 1.0)
+    nyp = np.clip((cv.posed_y[hw] - cy) / hb, -1.0, 1.0)
+    shade = np.float32(nz.light_strength) * (
+        np.float32(np.cos(nz.light_angle)) * nxp + np.float32(np.sin(nz.light_angle)) * nyp
+    )
+    fg = np.maximum(head.alpha, cv.alpha(hair_sdf))
+    cv.img[hw] *= (1.0 + shade * fg)[..., None]
+
+
+def _degrade(img: np.ndarray, nz: Nuisance, size: int) -> np.ndarray:
+    """The camera's part, in output pixels: occluder, exposure and colour cast, low resolution, blur, noise, uint8."""
+    # In place on the canvas where numpy allows it: a picture is rendered once and these are its largest arrays.
     if nz.occluder is not None:
         x0, y0, x1, y1, r, g_, b = nz.occluder
         img[int(max(y0, 0)) : int(max(y1, 0)), int(max(x0, 0)) : int(max(x1, 0))] = (r, g_, b)
@@ -405,9 +503,8 @@ def render_face(
         noise = np.random.default_rng(nz.noise_seed).standard_normal(img.shape, dtype=np.float32)
         img += np.float32(nz.noise) * noise
     img *= np.float32(255.0)
-    img += np.float32(0.5)
-    out = np.clip(img, 0.0, 255.0, out=img).astype(np.uint8)
-    return out, landmarks
+    img += np.float32(0.5)  # rounds to nearest in the truncating cast below
+    return np.clip(img, 0.0, 255.0, out=img).astype(np.uint8)
 
 
 def _inside(inner: tuple[slice, slice], outer: tuple[slice, slice]) -> bool:

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from marginface.cli import example_epilog, help_formatter
 
@@ -42,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pack.add_argument("--workers", type=int, default=None, help="encoding processes (default: CPU count)")
     pack.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
     pack.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/train.rec")
+    pack.add_argument("--skip-bad", action="store_true",
+                      help="leave unreadable images out (listed in the summary and OUT_DIR/skipped.txt)")
+    pack.add_argument("--size", metavar="SIDE|HxW",
+                      help="resize images of another size to this one (default: every image must share one size)")
     pack.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     pack.add_argument("--json", action="store_true", help="print the summary as JSON")
     pack.set_defaults(func=run_pack)
@@ -51,13 +56,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="describe a dataset; --verify decodes every image and checks labels",
         description=(
             "Print the format, layout, image and identity counts and image size of a RecordIO set, image "
-            "folder or list file. --verify decodes every record and checks every label against the class "
-            "count (exit status 1 if anything is wrong)."
+            "folder or list file, or the pair, genuine and impostor counts and image size of a verification "
+            "pair set (insightface .bin, read with the safe loader). --verify decodes every record and checks "
+            "every label against the class count (exit status 1 if anything is wrong)."
         ),
-        epilog=example_epilog("marginface data inspect data/faces_emore/train.rec --verify --json"),
+        epilog=example_epilog("marginface data inspect data/faces_emore/train.rec --verify --json",
+                              "marginface data inspect data/faces_emore/lfw.bin"),
         formatter_class=help_formatter(),
     )
-    inspect.add_argument("path", metavar="PATH", help="RecordIO directory or .rec, image folder or list file")
+    inspect.add_argument("path", metavar="PATH",
+                         help="RecordIO directory or .rec, image folder, list file, or .bin pair set")
     inspect.add_argument("--verify", action="store_true", help="decode every image and check every label")
     inspect.add_argument("--json", action="store_true", help="print the result as JSON")
     inspect.add_argument("--no-progress", action="store_true", help="hide the progress bar of --verify")
@@ -84,6 +92,8 @@ def run_pack(args: argparse.Namespace) -> int:
         label_array=args.label_array,
         overwrite=args.overwrite,
         progress=not args.no_progress and not args.json,
+        skip_bad=args.skip_bad,
+        size=args.size,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -93,6 +103,11 @@ def run_pack(args: argparse.Namespace) -> int:
             f"{summary['layout']} layout ({summary['copied_jpeg']:,} JPEGs copied, "
             f"{summary['reencoded']:,} re-encoded at quality {summary['quality']})"
         )
+        if summary["skipped"]:
+            print(f"skipped {len(summary['skipped'])} unreadable image(s), listed in "
+                  f"{Path(summary['path']) / 'skipped.txt'}:")
+            for line in summary["skipped"][:10]:
+                print(f"  {line}")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from marginface.cli import example_epilog, help_formatter
@@ -18,7 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Score MODEL — a training run directory, a model.safetensors written by marginface, or an .onnx file — "
             "on verification pair sets (insightface .bin, 10-fold protocol) and on IJB-B/IJB-C (1:1 TAR@FAR, 1:N). "
-            "Prints the insightface-style table and writes the results as JSON."
+            "Prints the insightface-style table and writes the results as JSON. An existing results file of the "
+            "same model is updated: pair sets and IJB targets scored now replace their old entries, the rest are "
+            "kept."
         ),
         formatter_class=help_formatter(),
         epilog=example_epilog(
@@ -40,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--plot", metavar="DIR", help="write ROC, score histograms (and CMC for IJB) into DIR")
     parser.add_argument("--output", metavar="FILE",
                         help="JSON results file (default: MODEL_DIR/eval.json for a run directory)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as JSON instead of the table (and no progress bars)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     parser.set_defaults(func=run)
 
 
@@ -64,34 +69,90 @@ def run(args: argparse.Namespace) -> int:
     from marginface.eval import evaluate_pairs, load_pairs
 
     pair_sets = [load_pairs(path) for path in pair_paths]
+    output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else None)
+    previous = read_previous_results(Path(output), args.model) if output else None
     model = load_model(args.model, device=args.device)
+    progress = not args.no_progress and not args.json
     results: dict = {"model": str(args.model), "verification": {}}
     scores_for_plots = {}
     for pair_set in pair_sets:
-        result, scores = evaluate_pairs(model, pair_set, args.batch_size, args.flip, return_scores=True)
+        result, scores = evaluate_pairs(model, pair_set, args.batch_size, args.flip, return_scores=True,
+                                        progress=progress)
         results["verification"][pair_set.name] = json_plain(result)
         scores_for_plots[pair_set.name] = (scores, pair_set.issame)
     if args.ijb:
         from marginface.eval import evaluate_ijb
 
         ijb = evaluate_ijb(model, args.ijb, args.target, flip=args.flip, batch_size=args.batch_size,
-                           return_scores=bool(args.plot))
+                           return_scores=bool(args.plot), progress=progress)
         if args.plot:
             scores_for_plots[args.target] = (ijb.pop("scores"), ijb.pop("labels"))
         results["ijb"] = {args.target: json_plain(ijb)}
     if args.plot:
         results["plots"] = write_plots(Path(args.plot), scores_for_plots, results)
-    output = args.output or (os.path.join(args.model, "eval.json") if os.path.isdir(args.model) else None)
     if output:
         from marginface.fileio import atomic_write_text
 
-        atomic_write_text(output, json.dumps(json_plain(results), indent=2) + "\n")
+        document = merge_results(previous, results)
+        atomic_write_text(output, json.dumps(json_plain(document), indent=2) + "\n")
         results["output"] = output
     if args.json:
         print(json.dumps(json_plain(results), indent=2))
     else:
         print_table(results)
     return 0
+
+
+def _model_file(model: str | os.PathLike) -> Path:
+    """The weights file a MODEL argument names (a run directory stands for its model.safetensors)."""
+    path = Path(model)
+    return (path / "model.safetensors" if path.is_dir() else path).resolve()
+
+
+def read_previous_results(output: Path, model: str) -> dict | None:
+    """The results already in `output` that this run should add to: those of the same model, written after its
+    weights. None when there are none, or when they belong to another model or to older weights of this one
+    (then they are replaced, and stderr says so). Read before the model runs, so that a damaged file stops
+    the command at once."""
+    if not output.exists():
+        return None
+    try:
+        previous = json.loads(output.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{output}: cannot add results to it, it is not JSON ({exc}); expected an eval results "
+                         "file (move it away or give another --output)") from None
+    if not isinstance(previous, dict):
+        raise ValueError(f"{output}: cannot add results to it: it holds a JSON {type(previous).__name__}, "
+                         "expected an object (move it away or give another --output)")
+    for field in ("verification", "ijb"):
+        if not isinstance(previous.get(field, {}), dict):
+            raise ValueError(f"{output}: field {field!r} is a {type(previous[field]).__name__}, expected an object "
+                             "of results by name (move the file away or give another --output)")
+    stored_model = previous.get("model")
+    weights = _model_file(model)
+    if not isinstance(stored_model, str) or _model_file(stored_model) != weights:
+        print(f"marginface eval: replacing {output}: it holds the results of {stored_model!r}, not of {model}",
+              file=sys.stderr)
+        return None
+    if weights.exists() and output.stat().st_mtime < weights.stat().st_mtime:
+        print(f"marginface eval: replacing {output}: it is older than {weights} (results of earlier weights)",
+              file=sys.stderr)
+        return None
+    return previous
+
+
+def merge_results(previous: dict | None, results: dict) -> dict:
+    """`results` added to `previous`: pair sets and IJB targets scored now replace theirs, others are kept."""
+    if previous is None:
+        return results
+    merged = {**previous, "model": results["model"]}
+    for field in ("verification", "ijb"):
+        merged[field] = {**previous.get(field, {}), **results.get(field, {})}
+    if not merged["ijb"]:
+        merged.pop("ijb")
+    if "plots" in results:
+        merged["plots"] = list(dict.fromkeys([*previous.get("plots", []), *results["plots"]]))
+    return merged
 
 
 def resolve_pairs(args: argparse.Namespace) -> list[str]:

@@ -6,7 +6,9 @@ and flipped images together, no per-image Python work.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +18,18 @@ from torch import nn
 from marginface.errors import ConfigError
 
 __all__ = ["embed_images", "embed_images_separate"]
+
+# In a log (CI, nohup) every redraw of a bar is kept: there it redraws at most this often.
+LOG_REDRAW_SECONDS = 30.0
+
+
+def progress_bar(total: int, desc: str, unit: str = "img") -> Any:
+    """A tqdm bar on stderr (stdout stays free for --json), redrawn rarely when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    terminal = getattr(sys.stderr, "isatty", lambda: False)()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.1 if terminal else LOG_REDRAW_SECONDS)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -56,11 +70,14 @@ def embed_images_separate(
     flip: bool = True,
     device: torch.device | str | None = None,
     input_size: Sequence[int] | int | None = None,
+    progress: bool = False,
+    desc: str = "embed",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw embeddings of the original images and (if ``flip``) of their horizontal flips, each float32
     [N, D]. Images are uint8 [N, H, W, 3] RGB, normalised as ``(x/255 - 0.5)/0.5``; when the model's input
     size (``input_size`` or ``model.input_size``) differs from H x W they are resized bilinearly
-    (antialiased). The model runs in eval mode under ``no_grad`` and its training flag is restored."""
+    (antialiased). The model runs in eval mode under ``no_grad`` and its training flag is restored. With
+    ``progress`` a bar named ``desc`` counts the images on stderr."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise ConfigError(f"images must be uint8 [N, H, W, 3] RGB, got {images.dtype} {images.shape}")
@@ -72,6 +89,7 @@ def embed_images_separate(
     model.eval()
     originals: list[torch.Tensor] = []
     flipped: list[torch.Tensor] = []
+    bar = progress_bar(images.shape[0], desc) if progress else None
     try:
         for start in range(0, images.shape[0], batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
@@ -85,8 +103,12 @@ def embed_images_separate(
                 flipped.append(out[x.shape[0] :].float().cpu())
             else:
                 originals.append(_forward(model, x).float().cpu())
+            if bar is not None:
+                bar.update(x.shape[0])
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     if not originals:
         raise ConfigError("no images to embed")
     orig = torch.cat(originals).numpy()
@@ -100,11 +122,13 @@ def embed_images(
     flip: bool = True,
     device: torch.device | str | None = None,
     input_size: Sequence[int] | int | None = None,
+    progress: bool = False,
+    desc: str = "embed",
 ) -> tuple[np.ndarray, float]:
     """Embeddings float32 [N, D], unnormalised, fused as ``emb(orig) + emb(flip)`` when ``flip``, and the
     XNorm (mean L2 norm of the raw embeddings over both views and all images). See
-    `embed_images_separate` for preprocessing."""
-    orig, flipped = embed_images_separate(model, images, batch_size, flip, device, input_size)
+    `embed_images_separate` for preprocessing and ``progress``."""
+    orig, flipped = embed_images_separate(model, images, batch_size, flip, device, input_size, progress, desc)
     norms = np.linalg.norm(orig, axis=1)
     if flipped is None:
         return orig, float(norms.mean())

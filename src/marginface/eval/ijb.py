@@ -282,6 +282,7 @@ def ijb_image_features(
     device: object = None,
     chunk: int = 1024,
     workers: int | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw features of every image (original, and flipped when ``flip``), each float32 [N, D].
 
@@ -289,7 +290,7 @@ def ijb_image_features(
     RGB to [n, D] features. Loose crops are aligned from their 5 landmarks by ``align`` (default
     ``marginface.data.align`` to 112x112; ``False`` means the crops are aligned already). Reading and
     aligning run on ``workers`` threads (default: the CPU count; decoding and the warp release the GIL
-    for most of their time), ``chunk`` images at a time."""
+    for most of their time), ``chunk`` images at a time. ``progress`` shows a bar of the images on stderr."""
     if align is None or align is True:
         align_fn = _default_align()
     elif align is False:
@@ -311,6 +312,7 @@ def ijb_image_features(
 
     workers = max(1, int(workers if workers is not None else (os.cpu_count() or 1)))
     originals, flipped = [], []
+    bar = _progress_bar(len(meta.image_names), f"{meta.target} images", "img") if progress else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(meta.image_names), chunk):
             batch = np.stack(list(pool.map(load, range(start, min(start + chunk, len(meta.image_names))))))
@@ -318,7 +320,18 @@ def ijb_image_features(
             originals.append(orig)
             if flip_feats is not None:
                 flipped.append(flip_feats)
+            if bar is not None:
+                bar.update(batch.shape[0])
+    if bar is not None:
+        bar.close()
     return np.concatenate(originals), (np.concatenate(flipped) if flip else None)
+
+
+def _progress_bar(total: int, desc: str, unit: str) -> object:
+    # eval/embed.py's bar; it imports torch, which only a progress bar on precomputed features pays for
+    from marginface.eval.embed import progress_bar
+
+    return progress_bar(total, desc, unit)
 
 
 def _run(model, images, batch_size, flip, device):
@@ -617,6 +630,7 @@ def evaluate_ijb(
     far_rule: str = "nearest",
     one_to_n: bool = True,
     return_scores: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Evaluate on IJB-B/IJB-C end to end.
 
@@ -625,7 +639,8 @@ def evaluate_ijb(
     then ``flip`` is ignored), [N, 2, D] (original, flipped) or a tuple ``(original, flipped)``. The
     switches ``norm``/``detector``/``flip`` are N1/D1/F1 of eval_ijbc.py (its defaults: all on).
     Returns ``mode`` (e.g. "N1D1F1"), counts, ``tar_at_far``, ``auc``, and ``identification`` per gallery
-    when the 1:N files exist; ``scores``/``labels`` too with ``return_scores``."""
+    when the 1:N files exist; ``scores``/``labels`` too with ``return_scores``. ``progress`` shows bars on
+    stderr: one over the images embedded, one over the scoring stages (templates, 1:1, 1:N)."""
     meta = read_ijb_meta(root, target, one_to_n=one_to_n)
     flipped = None
     if isinstance(model_or_features, tuple):
@@ -637,14 +652,26 @@ def evaluate_ijb(
             original, flip = model_or_features, False
     else:
         original, flipped = ijb_image_features(
-            model_or_features, meta, align=align, batch_size=batch_size, flip=flip, device=device
+            model_or_features, meta, align=align, batch_size=batch_size, flip=flip, device=device, progress=progress
         )
     if original.shape[0] != len(meta.image_names):
         raise ConfigError(f"{original.shape[0]} feature rows for {len(meta.image_names)} images in the meta files")
     image_feats = combine_image_features(
         original, flipped, meta.faceness, norm=norm, detector=detector, flip=flip and flipped is not None
     )
+    identify = meta.probes is not None and bool(meta.galleries)
+    # a few long steps, not a loop: the bar names the step under way (IJB-C: 15.7M pairs to score)
+    stages = _progress_bar(3 if identify else 2, f"{meta.target} scoring", "step") if progress else None
+
+    def step_done(next_step: str) -> None:
+        if stages is not None:
+            stages.update(1)
+            stages.set_postfix_str(next_step)
+
+    if stages is not None:
+        stages.set_postfix_str("templates")
     tids, tfeats = template_features(image_feats, meta.templates, meta.medias, dtype=np.float64)
+    step_done("1:1 verification")
     verification = ijb_verification(tids, tfeats, meta.pairs, meta.labels, fars=fars, rule=far_rule)
     result = {
         "target": meta.target,
@@ -657,8 +684,12 @@ def evaluate_ijb(
         **split_supported_levels(verification["tar_at_far"], int((~meta.labels.astype(bool)).sum())),
         "auc": verification["auc"],
     }
-    if meta.probes is not None and meta.galleries:
+    if identify:
+        step_done("1:N identification")
         result["identification"] = ijb_identification(tids, tfeats, meta.galleries, meta.probes)
+    step_done("done")
+    if stages is not None:
+        stages.close()
     if return_scores:
         result["scores"], result["labels"] = verification["scores"], meta.labels
     return result

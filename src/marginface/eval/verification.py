@@ -58,14 +58,15 @@ def verification_table(scores: np.ndarray, issame: np.ndarray, xnorm: float | No
 
 
 def evaluate_pairs(model: nn.Module, pairset: object, batch_size: int = DEFAULT_BATCH_SIZE, flip: bool = True,
-                   return_scores: bool = False) -> dict | tuple[dict, np.ndarray]:
+                   return_scores: bool = False, progress: bool = False) -> dict | tuple[dict, np.ndarray]:
     """Embed a `PairSet` (flip fusion) and score it with `verification_table`; with ``return_scores`` also the
-    cosine score of every pair (for ROC plots)."""
+    cosine score of every pair (for ROC plots); ``progress`` shows a bar on stderr while embedding."""
     images = getattr(pairset, "images", None)
     issame = getattr(pairset, "issame", None)
     if images is None or issame is None:
         raise ConfigError("evaluate_pairs needs a PairSet (an object with .images and .issame)")
-    embeddings, norm = embed_images(model, images, batch_size=batch_size, flip=flip)
+    embeddings, norm = embed_images(model, images, batch_size=batch_size, flip=flip, progress=progress,
+                                    desc=getattr(pairset, "name", None))
     scores = pair_scores(embeddings)
     table = verification_table(scores, issame, norm, getattr(pairset, "name", None))
     return (table, scores) if return_scores else table

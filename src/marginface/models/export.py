@@ -1,4 +1,5 @@
-"""Export a backbone to ONNX with a dynamic batch axis, its `config` stored in the file's metadata.
+"""Export a backbone to ONNX with a dynamic batch axis, its `config` stored in the file's metadata, and measure
+how closely the exported graph reproduces the model's embeddings (`embedding_parity`).
 
 The default exporter is torch's TorchScript-based one (`dynamo=False`): it needs only the `onnx` package,
 exports these backbones in well under a second and works on every torch >= 2.1. torch >= 2.9 marks it
@@ -11,15 +12,16 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from marginface.errors import ConfigError, MarginfaceError
+from marginface.fileio import atomic_output
 from marginface.models.registry import parse_size
 
 INPUT_NAME = "input"
@@ -62,29 +64,61 @@ def export_onnx(
     device = reference.device if reference is not None else torch.device("cpu")
     # Batch 2, not 1: a batch of one invites exporters to specialise the batch axis to a constant.
     example = torch.randn(2, 3, height, width, device=device)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     was_training = model.training
     try:
         model.eval()
-        _run_exporter(model, example, tmp_name, opset, exporter, dynamic_batch)
-        graph = onnx.load(tmp_name)
-        metadata = {"input_size": json.dumps([height, width])}
-        config = getattr(model, "config", None)
-        if config is not None:
-            metadata[METADATA_KEY] = json.dumps(config)
-        for key, value in metadata.items():
-            entry = graph.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.checker.check_model(graph)
-        onnx.save(graph, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        with atomic_output(path) as temporary:
+            tmp_name = str(temporary)
+            _run_exporter(model, example, tmp_name, opset, exporter, dynamic_batch)
+            graph = onnx.load(tmp_name)
+            metadata = {"input_size": json.dumps([height, width])}
+            config = getattr(model, "config", None)
+            if config is not None:
+                metadata[METADATA_KEY] = json.dumps(config)
+            for key, value in metadata.items():
+                entry = graph.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.checker.check_model(graph)
+            onnx.save(graph, tmp_name)
     finally:
         model.train(was_training)
     return path
+
+
+def embedding_parity(reference: np.ndarray, exported: np.ndarray) -> dict[str, Any]:
+    """How far `exported` embeddings [N, D] are from the `reference` ones, in the terms evaluation uses.
+
+    Evaluation scores cosines, so an embedding's scale carries no meaning there, and an absolute difference
+    misjudges both ways: float32 rounding alone gives |Δ| ~ 30 on a valid model whose embeddings have norm
+    2e7, and a tiny |Δ| can hide a broken graph whose embeddings are small. So the check is relative, per
+    embedding: ``max_relative_error`` = max over rows of ||exported - reference|| / ||reference|| (what a
+    tolerance should apply to; it also catches a wrong norm, which XNorm and flip fusion would see), with the
+    row where it peaks. ``max_normalised_difference`` is the largest component difference of the
+    L2-normalised embeddings, the vectors whose dot products are the scores; ``max_abs_difference`` and
+    ``mean_norm`` (of the reference) say why an absolute difference may look large."""
+    reference = np.asarray(reference, dtype=np.float64)
+    exported = np.asarray(exported, dtype=np.float64)
+    if reference.ndim != 2 or reference.shape != exported.shape:
+        raise MarginfaceError(
+            f"parity: the exported model gives embeddings of shape {exported.shape}, expected {reference.shape}"
+        )
+    # a zero embedding is matched only by a zero one: the floor keeps 0/0 at 0 and anything else large
+    floor = np.finfo(np.float32).tiny
+    norms = np.linalg.norm(reference, axis=1)
+    relative = np.linalg.norm(exported - reference, axis=1) / np.maximum(norms, floor)
+    normalised = np.abs(
+        exported / np.maximum(np.linalg.norm(exported, axis=1, keepdims=True), floor)
+        - reference / np.maximum(norms[:, None], floor)
+    )
+    # NaN is the largest of all: a non-finite output must never look like the best row
+    worst = int(np.argmax(np.where(np.isnan(relative), np.inf, relative)))
+    return {
+        "max_relative_error": float(relative[worst]),
+        "worst_image": worst,
+        "max_normalised_difference": float(normalised.max()),
+        "max_abs_difference": float(np.abs(exported - reference).max()),
+        "mean_norm": float(norms.mean()),
+    }
 
 
 def _run_exporter(

@@ -112,8 +112,9 @@ def test_resume_after_kill_continues_from_the_last_finished_epoch(cache, sequent
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "model.safetensors").exists() and load(out)["epochs_done"] == 2  # it died in epoch 3
-    result = search_cli(cache, "--resume", str(out), "--no-progress", tiny=False)
-    assert "resumed" in result.stdout and "after epoch 2 of 3" in result.stdout
+    result = search_cli(cache, "--resume", str(out), "--no-progress", "--json", tiny=False)
+    assert "resumed" in result.stderr and "after epoch 2 of 3" in result.stderr
+    assert json.loads(result.stdout)["best"] == load(sequential)["best"]  # stdout: the JSON and nothing else
     a, b = load(sequential), load(out)
     assert a["epochs"] == b["epochs"] and a["best"] == b["best"]
     ma, mb = load_file(sequential / "model.safetensors"), load_file(out / "model.safetensors")

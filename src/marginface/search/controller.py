@@ -338,7 +338,7 @@ def _start(run: SearchRun, saved: dict | None) -> tuple[GaussianPolicy, Candidat
         records = json.loads(saved["records"])
         start_epoch = int(saved["epoch"])
         if run.is_main:  # always said, as `marginface train --resume` does
-            print(f"resumed {run.out_dir} after epoch {start_epoch} of {settings.epochs}", flush=True)
+            print(f"resumed {run.out_dir} after epoch {start_epoch} of {settings.epochs}", file=sys.stderr, flush=True)
     if run.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
     return policy, candidates, records, start_epoch
@@ -398,7 +398,7 @@ def _record_epoch(run: SearchRun, policy: GaussianPolicy, records: list[dict], b
     summary = build_summary(run.settings, run.config, run.space, policy, records, run.steps)
     write_json(run.out_dir / SEARCH_JSON, summary, atomic_write_bytes)
     if run.progress:
-        print(epoch_line(record, run.settings.epochs), file=sys.stdout, flush=True)
+        print(epoch_line(record, run.settings.epochs), file=sys.stderr, flush=True)
 
 
 def _finish(run: SearchRun, policy: GaussianPolicy, records: list[dict]) -> dict:

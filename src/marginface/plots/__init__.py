@@ -1,1 +1,1 @@
-"""Pictures: margin curves (plots.margins) and evaluation curves (plots.eval_plots); matplotlib, Agg backend."""
+"""Pictures: margin curves (plots.margins), evaluation curves (plots.eval_plots), training panels (plots.training)."""

@@ -63,41 +63,14 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     atomic_write_bytes(Path(path), (json.dumps(data, indent=2) + "\n").encode())
 
 
-PANELS = [
-    ("loss", "training loss", lambda r: r.get("train/loss")),
-    ("lr", "learning rate", lambda r: r.get("train/lr")),
-    ("t", "CurricularFace t", lambda r: r.get("margin/t")),
-    ("hard_fraction", "fraction of hard negatives", lambda r: r.get("margin/hard_fraction")),
-    ("margin_mean", "NPCFace mean positive margin m̃", lambda r: r.get("margin/margin_mean")),
-]
-
-
 def write_report(run_dir: str | os.PathLike, metrics: dict[str, Any], config: dict[str, Any]) -> Path:
     """report.md with PNG plots of the history: loss, lr, accuracy per pair set and the margin's state."""
-    from marginface.plots.common import plt, save_figure
+    from marginface.plots.common import save_figure
+    from marginface.plots.training import history_figures
 
     run_dir = Path(run_dir)
-    history = read_history(run_dir)
-    figures = []
-    for key, title, getter in PANELS:
-        points = [(r["step"], getter(r)) for r in history if getter(r) is not None]
-        if not points:
-            continue
-        figure, axis = plt.subplots(figsize=(6, 3.6))
-        axis.plot([p[0] for p in points], [p[1] for p in points])
-        axis.set(title=title, xlabel="step")
-        axis.grid(alpha=0.3)
-        figures.append((title, save_figure(figure, run_dir / "plots" / f"{key}.png")))
-    accuracy_keys = sorted({k for r in history for k in r if k.startswith("verification/") and k.endswith("/accuracy")})
-    if accuracy_keys:
-        figure, axis = plt.subplots(figsize=(6, 3.6))
-        for key in accuracy_keys:
-            points = [(r["step"], 100 * r[key]) for r in history if key in r]
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=key.split("/")[1])
-        axis.set(title="10-fold verification accuracy (%)", xlabel="step")
-        axis.grid(alpha=0.3)
-        axis.legend()
-        figures.append(("verification accuracy", save_figure(figure, run_dir / "plots" / "accuracy.png")))
+    figures = [(title, save_figure(figure, run_dir / "plots" / f"{key}.png"))
+               for key, title, figure in history_figures(read_history(run_dir))]
 
     lines = ["# marginface training report", ""]
     head = config.get("head", {})

@@ -106,8 +106,9 @@ def device_source(args: argparse.Namespace) -> str:
     """Where train.device came from, for a message: the flag, an override, the resumed run or the config file."""
     if args.device is not None:
         return f"--device {args.device}"
-    if any(o.startswith("train.device=") for o in args.overrides):
-        return "the override " + [o for o in args.overrides if o.startswith("train.device=")][-1]
+    given = [o for o in args.overrides if o.startswith("train.device=")]
+    if given:
+        return f"the override {given[-1]}"
     if args.resume:
         return f"{args.resume}/config.yaml (train: device:)"
     if args.config:

@@ -74,8 +74,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
 
 def _unwrap(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
     """The state dict inside what torch.load returned, with a DDP `module.` prefix removed."""
-    if isinstance(loaded, nn.Module):  # unreachable with weights_only, kept for clarity of the contract
-        loaded = loaded.state_dict()
     if isinstance(loaded, dict):
         for key in WRAPPER_KEYS:
             if isinstance(loaded.get(key), dict):

@@ -51,7 +51,18 @@ class World:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def gather_equal(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's tensor stacked in rank order, [world_size, *shape]; the shapes must agree on every rank
+        (a tensor collective: used inside the step, where object collectives would pickle on the host)."""
+        if not self.distributed:
+            return tensor.unsqueeze(0)
+        local = tensor.to(self.device).contiguous()
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return torch.stack(parts).to(tensor.device)
+
     def gather_objects(self, value: Any) -> list[Any]:
+        """Python objects from every rank (outside the step only: start, epoch ends and the final summary)."""
         if not self.distributed:
             return [value]
         gathered: list[Any] = [None] * self.world_size

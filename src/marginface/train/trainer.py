@@ -441,7 +441,8 @@ class Trainer:
         state, config = self.state, self.config
         state.nonfinite_in_a_row += 1
         state.skipped_steps.append(state.step)
-        gathered = self.world.gather_objects(indices)
+        # Every rank draws the same number of samples per step, so the indices gather as one tensor.
+        gathered = self.world.gather_equal(torch.tensor(indices, dtype=torch.int64)).tolist()
         if self.world.is_main:
             self.progress.write(f"step {state.step}: non-finite loss or gradient (loss {loss_value}), step skipped; "
                                 f"sample indices {sorted(i for part in gathered for i in part)}")

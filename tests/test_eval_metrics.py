@@ -261,3 +261,27 @@ def test_refine_makes_an_approximate_table_exact(rule):
     got = ev.tar_at_far(approx, labels, fars, rule=rule, refine=refine)
     assert got == ev.tar_at_far(exact, labels, fars, rule=rule)
     assert 0 < calls[0] < exact.size // 10  # only the neighbourhoods of the thresholds are recomputed
+
+
+def test_threshold_at_far_accepts_at_most_the_asked_share_and_is_the_smallest_such() -> None:
+    from marginface.eval import threshold_at_far
+
+    impostor = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0])
+    # FAR 0.2 of 10 impostors: two may pass, so the threshold sits just above the third-highest score (0.7)
+    assert threshold_at_far(impostor, 0.2) == np.nextafter(0.7, np.inf)
+    assert threshold_at_far(impostor, 0.05) == np.nextafter(0.9, np.inf)  # none may pass
+    tied = np.array([0.5] * 5 + [0.1] * 5)
+    assert threshold_at_far(tied, 0.4) == np.nextafter(0.5, np.inf)  # the tie at 0.5 would pass five
+    assert threshold_at_far(tied, 0.5) == np.nextafter(0.1, np.inf)
+
+
+def test_the_ijb_histogram_is_drawn_at_the_tables_smallest_far() -> None:
+    from marginface.cli.eval import ijb_threshold
+
+    rng = np.random.default_rng(3)
+    impostor, genuine = rng.normal(0.0, 0.1, 200_000), rng.normal(0.5, 0.1, 200)
+    scores = np.r_[genuine, impostor]
+    labels = np.r_[np.ones(200, bool), np.zeros(200_000, bool)]
+    threshold, label = ijb_threshold(scores, labels)
+    assert label == "threshold at FAR=0.0001"
+    assert int((impostor >= threshold).sum()) == 20 and int((impostor >= np.nextafter(threshold, -1)).sum()) == 21

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from marginface.cli import example_epilog, help_formatter
 from marginface.fileio import json_plain
 
@@ -184,13 +186,29 @@ def write_plots(directory: Path, scores: dict, results: dict) -> list[str]:
     if curves:
         written.append(str(plot_roc(curves, directory / "roc.png")))
     for name, (s, labels) in scores.items():
-        written.append(str(plot_score_histogram(s, labels, directory / f"scores_{name}.png", title=name)))
+        threshold, label = ijb_threshold(s, labels) if name in results.get("ijb", {}) else (None, None)
+        written.append(str(plot_score_histogram(s, labels, directory / f"scores_{name}.png", title=name,
+                                                threshold=threshold, threshold_label=label)))
     for target, ijb in results.get("ijb", {}).items():
         galleries = ijb.get("identification", {})
         cmc_curves = {g: r["cmc"] for g, r in galleries.items() if g != "mean" and "cmc" in r}
         if cmc_curves:
             written.append(str(plot_cmc(cmc_curves, directory / f"cmc_{target}.png")))
     return written
+
+
+def ijb_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float | None, str | None]:
+    """IJB is read at a FAR, not at the accuracy threshold: the threshold of the smallest reported level
+    (1e-4 when the impostors support it), so the histogram shows the operating point of the table."""
+    from marginface.eval.metrics import threshold_at_far
+    from marginface.eval.verification import supported_fars
+
+    impostor = scores[~labels.astype(bool)]
+    levels = [far for far in supported_fars(impostor.size) if far >= 1e-4] or list(supported_fars(impostor.size))
+    if not levels:
+        return None, None
+    far = min(levels)
+    return threshold_at_far(impostor, far), f"threshold at FAR={far:g}"
 
 
 def print_table(results: dict) -> None:

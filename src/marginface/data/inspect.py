@@ -111,11 +111,11 @@ def inspect_pair_set(path: str | os.PathLike, verify: bool = False, progress: bo
     image size(s) and payload formats, read from the image headers; `verify=True` decodes every image."""
     # eval/pairs.py's safe reader (opcode audit + allow-listed unpickler): never a plain pickle.load. Its
     # private payload step gives the encoded images, so the stored sizes are read without decoding them.
-    from marginface.eval.pairs import _read_payload
+    from marginface.eval.pairs import read_bin_payload
 
     path = Path(path)
     data = path.read_bytes()
-    encoded, issame = _read_payload(data, str(path))
+    encoded, issame = read_bin_payload(data, str(path))
     sizes = Counter(_header_size(blob) for blob in encoded)  # headers only: fast even for 12,000 images
     readable = [size for size in sizes if size != UNREADABLE]
     stored = [int(side) for side in readable[0].split("x")] if readable else None

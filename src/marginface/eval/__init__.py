@@ -24,6 +24,7 @@ _EXPORTS = {
     "pair_scores": "marginface.eval.metrics",
     "rank_k": "marginface.eval.metrics",
     "roc_curve": "marginface.eval.metrics",
+    "threshold_at_far": "marginface.eval.metrics",
     "tar_at_far": "marginface.eval.metrics",
     "tpir_at_fpir": "marginface.eval.metrics",
     "val_at_far": "marginface.eval.metrics",

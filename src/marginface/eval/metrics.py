@@ -257,6 +257,19 @@ def roc_curve(scores: object, labels: object, drop_intermediate: bool = True):
     return fps / fps[-1], tps / tps[-1], thr
 
 
+def threshold_at_far(impostor_scores: object, far: float) -> float:
+    """The smallest cosine threshold at which at most ``far`` of the impostor scores are accepted
+    (``score >= threshold``): just above the impostor score ranked ⌊far·N⌋ + 1 from the top."""
+    impostor = _as_1d("impostor_scores", impostor_scores, np.float64)
+    if impostor.size == 0:
+        raise ConfigError("threshold_at_far needs impostor scores, got none")
+    if not 0.0 < far < 1.0:
+        raise ConfigError(f"far={far} is invalid: expected a false accept rate in (0, 1)")
+    accepted = int(np.floor(far * impostor.size * (1 + 1e-12)))  # the slack keeps 1e-3 · 10,000 at 10
+    rejected_top = np.partition(impostor, impostor.size - 1 - accepted)[impostor.size - 1 - accepted]
+    return float(np.nextafter(rejected_top, np.inf))
+
+
 def auc(scores_or_fpr: object, labels_or_tpr: object) -> float:
     """Area under the ROC curve.
 

@@ -21,7 +21,7 @@ import numpy as np
 from marginface.errors import ConfigError, DataFormatError
 from marginface.fileio import atomic_write_bytes
 
-__all__ = ["ALLOWED_GLOBALS", "PairSet", "load_pair_sets", "load_pairs", "save_pairs"]
+__all__ = ["ALLOWED_GLOBALS", "PairSet", "load_pair_sets", "load_pairs", "read_bin_payload", "save_pairs"]
 
 IMAGE_SIZE = 112
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -249,7 +249,9 @@ def _as_issame(value: object, source: str) -> np.ndarray:
     return np.asarray(value, dtype=bool)
 
 
-def _read_payload(data: bytes, source: str) -> tuple[list[bytes], np.ndarray]:
+def read_bin_payload(data: bytes, source: str) -> tuple[list[bytes], np.ndarray]:
+    """The encoded images and the same/different flags of an insightface .bin pair set, read with the
+    restricted unpickler (``source`` names the file in errors); nothing is decoded."""
     _audit(data, source)
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), source).load()
@@ -324,7 +326,7 @@ def load_pairs(path: str | os.PathLike, *, image_size: int = IMAGE_SIZE) -> Pair
         raise DataFormatError(f"{source}: empty file, expected a pickled (images, issame) pair file")
     if data[0] != 0x80 and data[:1] not in (b"(", b"]", b")", b"c"):  # protocol 0/1 openings
         raise DataFormatError(f"{source}: not a pickle (starts with {data[:4]!r}); expected an insightface .bin")
-    encoded, issame = _read_payload(data, source)
+    encoded, issame = read_bin_payload(data, source)
     images = np.empty((len(encoded), image_size, image_size, 3), dtype=np.uint8)
     for i, item in enumerate(encoded):
         images[i] = _decode(item, i, source, image_size)

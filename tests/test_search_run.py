@@ -190,3 +190,12 @@ def test_unreadable_reward_set_and_margin_from_errors(tmp_path, capsys):
     assert 'expected a search.json with "best"' in capsys.readouterr().err
     assert main(["search", "--resume", str(tmp_path / "nothing")]) == 2
     assert "no search_state.pt there" in capsys.readouterr().err
+
+
+def test_search_progress_counts_every_candidate_step(cache, tmp_path):
+    # 1 warm-up epoch of one candidate + 2 epochs of 2 candidates, 3 steps each: 15 candidate steps in all
+    out = tmp_path / "progress"
+    result = search_cli(cache, *[a for a in SEARCH if a != "--no-progress"], "--out", str(out))
+    assert "step 15/15 (100%)" in result.stderr  # stderr is not a terminal: plain status lines
+    log = (out / "search.log").read_text()
+    assert "step 15/15 (100%)" in log and log.count("epoch ") >= 3

@@ -314,12 +314,31 @@ def _run(settings: SearchSettings, config: Config, out_dir: Path, saved: dict | 
 def _epochs(run: SearchRun, saved: dict | None) -> dict:
     """Run the search's remaining epochs (all of them, or those after the `saved` state); return its summary."""
     policy, candidates, records, start_epoch = _start(run, saved)
+    _show_progress(run, start_epoch)
     for epoch in range(start_epoch, run.settings.epochs):
         record, best_margin = _search_epoch(run, policy, candidates, epoch)
         records.append(record)
         if run.is_main:
             _record_epoch(run, policy, records, best_margin)
+    run.trainer.progress.close()
     return _finish(run, policy, records)
+
+
+def _show_progress(run: SearchRun, start_epoch: int) -> None:
+    """One bar (plain lines outside a terminal, and `search.log`) over every candidate training step of the
+    search on this process; the trainer advances it step by step as it trains each candidate."""
+    if not (run.progress and run.is_main):
+        return
+    from marginface.train.progress import ProgressReporter
+
+    def candidate_steps(epoch: int) -> int:  # in "ranks" mode each process trains one candidate an epoch
+        one = run.global_world is not None or epoch < run.settings.warmup_epochs
+        return run.steps * (1 if one else run.settings.candidates)
+
+    total = sum(candidate_steps(epoch) for epoch in range(run.settings.epochs))
+    done = sum(candidate_steps(epoch) for epoch in range(start_epoch))
+    run.trainer.progress.close()
+    run.trainer.progress = ProgressReporter(total, done, show=True, log_path=run.out_dir / "search.log")
 
 
 def _start(run: SearchRun, saved: dict | None) -> tuple[GaussianPolicy, Candidates, list[dict], int]:
@@ -398,7 +417,7 @@ def _record_epoch(run: SearchRun, policy: GaussianPolicy, records: list[dict], b
     summary = build_summary(run.settings, run.config, run.space, policy, records, run.steps)
     write_json(run.out_dir / SEARCH_JSON, summary, atomic_write_bytes)
     if run.progress:
-        print(epoch_line(record, run.settings.epochs), file=sys.stderr, flush=True)
+        run.trainer.progress.write(epoch_line(record, run.settings.epochs))
 
 
 def _finish(run: SearchRun, policy: GaussianPolicy, records: list[dict]) -> dict:

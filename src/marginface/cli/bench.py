@@ -1,9 +1,10 @@
-"""`marginface bench`: measure the heads on your own hardware before a long run (the code of benchmarks/heads.py)."""
+"""`marginface bench`: measure the heads (the code of benchmarks/heads.py) and the data path on your own hardware."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from marginface.cli import example_epilog, help_formatter
 
@@ -11,7 +12,7 @@ from marginface.cli import example_epilog, help_formatter
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="time the heads (margin x engine) on this machine",
+        help="time the heads (margin x engine) and the data path on this machine",
         description="Benchmarks to run on your own hardware before picking an engine and a batch size.",
         formatter_class=help_formatter(),
         epilog=example_epilog("marginface bench heads --margins arcface curricularface --classes 93431"),
@@ -47,6 +48,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     heads.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
     heads.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     heads.set_defaults(func=run_heads)
+    data = kinds.add_parser(
+        "data",
+        help="decode throughput of a training set: items per core and loader images/s per worker count",
+        description=(
+            "Read, decode, flip and normalise random items of a training set (RecordIO, image folder or list "
+            "file; default: the built-in synthetic identities) in this process, one thread, then through the "
+            "trainer's DataLoader with each worker count. Compare the images/s with what your training step "
+            "consumes (batch / step time) to choose data.num_workers."
+        ),
+        formatter_class=help_formatter(),
+        epilog=example_epilog("marginface bench data /data/ms1m-retinaface-t1 --image-size 112 --workers 0 2 4",
+                              "marginface bench data --json"),
+    )
+    data.add_argument("path", nargs="?", default=None, metavar="PATH",
+                      help="training set (default: the built-in synthetic identities, generated on first use)")
+    data.add_argument("--image-size", type=int, default=None, help="resize to this side (default: stored size)")
+    data.add_argument("--items", type=int, default=1000, help="items per single-core round (default 1000)")
+    data.add_argument("--rounds", type=int, default=3, help="single-core rounds, median reported (default 3)")
+    data.add_argument("--workers", type=int, nargs="+", default=None, metavar="N",
+                      help="loader worker counts to try (default 0, 1, 2, 4, ... up to the cores)")
+    data.add_argument("--batch-size", type=int, default=128, help="loader batch (default 128)")
+    data.add_argument("--batches", type=int, default=20, help="batches timed per worker count (default 20)")
+    data.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    data.set_defaults(func=run_data)
 
 
 def run_heads(args: argparse.Namespace) -> int:
@@ -93,4 +118,39 @@ def run_heads(args: argparse.Namespace) -> int:
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     bench.print_table(summary, args.batch_size, args.classes, args.embedding_size, args.rounds,
                       not args.no_memory, dtype=args.dtype)
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from marginface.bench import data as bench
+    from marginface.data.dataset import open_dataset
+    from marginface.errors import ConfigError
+
+    for option in ("items", "rounds", "batch_size", "batches"):
+        value = getattr(args, option)
+        if value < 1:
+            raise ConfigError(f"--{option.replace('_', '-')}={value} is invalid: expected a positive integer")
+    if args.image_size is not None and args.image_size < 8:
+        raise ConfigError(f"--image-size={args.image_size} is invalid: expected a side of at least 8 pixels")
+    if args.workers and min(args.workers) < 0:
+        raise ConfigError(f"--workers {' '.join(map(str, args.workers))} is invalid: expected counts >= 0")
+    path = args.path
+    if path is None:
+        from marginface.data import synthetic
+
+        path = str(synthetic(ijb=False, progress=True).train)
+    elif not os.path.exists(path):
+        raise ConfigError(f"{path}: no such training set (expected a RecordIO directory or .rec, an image folder "
+                          "or a list file)")
+    dataset = open_dataset(path, image_size=args.image_size)
+    item = bench.item_rate(dataset, args.items, args.rounds)
+    loaders = [bench.loader_rate(dataset, n, args.batch_size, args.batches) for n in bench.worker_counts(args.workers)]
+    size = f"{len(dataset):,} images, {dataset[0][0].shape[-1]}x{dataset[0][0].shape[-2]} to the network"
+    if args.json:
+        print(json.dumps({"path": path, "images": len(dataset), "item": dataclasses.asdict(item),
+                          "loader": [dataclasses.asdict(r) for r in loaders]}, indent=2))
+        return 0
+    print(bench.format_table(path, size, item, loaders))
     return 0

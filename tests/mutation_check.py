@@ -74,8 +74,14 @@ FLIP_M: dict[str, tuple[str, dict[str, Callable]]] = {
     "lfs": ("ln(1−a) → −ln(1−a)", {"a": _flip_lfs}),
     "lfs_local": ("ln(1−a) → −ln(1−a)", {"a_bins": _flip_lfs}),
     "am_lfs": ("t intercepts → −", {"t_params": _negate_intercepts}),
+    "adaface": ("m → −m", {"m": _negate}),
+    "elasticface_arc": ("m → −m", {"m": _negate}),
+    "elasticface_cos": ("m → −m", {"m": _negate}),
+    "magface": ("l_m, u_m → −l_m, −u_m", {"l_m": _negate, "u_m": _negate}),
 }
-NO_MARGIN = {"normface": "no m"}  # margins with nothing to flip
+NO_MARGIN = {"normface": "no m", "adacos": "no m"}  # margins with nothing to flip
+# Margins whose N is not the identity but has no hard-negative term (AdaFace clamps c to ±(1 − 10⁻³)).
+NO_HARD_NEGATIVE = {"adaface": "N is c clamped, no hard-negative term"}
 # Parameters of the probe that shows a mutant changes something (defaults otherwise).
 PROBE_PARAMS = {"am_lfs": {"t_params": [[1.0, -0.35]] * 6}}
 # Methods the wrappers leave alone: they report parameters, they do not compute with them.
@@ -93,6 +99,8 @@ def applicable(name: str, mutation: str) -> str | None:
             return NO_MARGIN[name]
         return None if name in FLIP_M else "MISSING: no flip_m defined for this margin in tests/mutation_check.py"
     if mutation == "drop_hard_negative":
+        if name in NO_HARD_NEGATIVE:
+            return NO_HARD_NEGATIVE[name]
         return "N = c already" if cls.identity_negatives else None
     if mutation == "freeze_state":
         return None if cls.update_state is not Margin.update_state else "stateless"

@@ -15,7 +15,7 @@ EDGE_LABELS = torch.tensor([0, 1, 2, 3])
 @pytest.mark.parametrize("name", mf.margins.available())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_finite_at_the_edges(name, dtype):
-    params = {} if name == "sphereface" else {"s": 64.0}
+    params = {} if name in ("sphereface", "adacos") else {"s": 64.0}  # their scale is ‖x‖ / adaptive state
     margin = mf.margins.create(name, **params).train()
     cos = EDGE.to(dtype).detach().clone().requires_grad_(True)
     norms = torch.full((4,), 30.0, dtype=dtype) if margin.needs_norms else None

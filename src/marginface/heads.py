@@ -17,6 +17,9 @@ from marginface.errors import ConfigError
 class MarginHead(nn.Module):
     """A margin-softmax classifier: ``weight`` [num_classes, embedding_size] holds the class centres.
 
+    ``subcenters`` K > 1 (Sub-center ArcFace, for any margin): ``weight`` is [num_classes·K, embedding_size],
+    row j·K + k is sub-centre k of class j, and a class's cosine is the largest of its K (on every engine).
+
     ``forward(embeddings, labels)`` returns the mean cross-entropy of the margin logits;
     ``get_logits(embeddings)`` returns s·cos θ (no margin: what the classifier predicts), or the margin logits
     when ``labels`` are given. ``batch_reduce`` (set by a data-parallel trainer) all-reduces the margin's batch
@@ -30,17 +33,26 @@ class MarginHead(nn.Module):
         embedding_size: int,
         engine: str | engines.Engine | None = None,
         engine_params: dict[str, Any] | None = None,
+        subcenters: int = 1,
     ):
         super().__init__()
         check_size("num_classes", num_classes, minimum=2)
         check_size("embedding_size", embedding_size, minimum=1)
+        self.subcenters = check_size("subcenters", subcenters, minimum=1)
         self.num_classes, self.embedding_size = num_classes, embedding_size
         self.margin = margin
         self.engine = engines.resolve(engine, engine_params)
         # The class ids whose centres this process holds (all of them, except under the sharded engine).
         self.class_range: range = self.engine.shard(num_classes)
-        self.weight = nn.Parameter(torch.empty(len(self.class_range), embedding_size))
-        init_class_centres(self.weight, self.class_range, num_classes, seed=int(torch.randint(2**62, ())))
+        k = subcenters
+        self.weight = nn.Parameter(torch.empty(len(self.class_range) * k, embedding_size))
+        # the K rows of a class are drawn as rows j·K … j·K + K − 1 of a (C·K)-row classifier: any sharding of
+        # the classes holds what one process would
+        centre_rows = range(self.class_range.start * k, self.class_range.stop * k)
+        init_class_centres(self.weight, centre_rows, num_classes * k, seed=int(torch.randint(2**62, ())))
+        margin.set_num_classes(num_classes)  # AdaCos's initial s is in the state_dict from the start
+        if margin.uses_generator:  # ElasticFace's draws: seeded by the global generator (the training seed)
+            margin.seed_generator(int(torch.randint(2**62, ())))
         self.batch_reduce: BatchReduce | None = None
         # Set record_statistics to have the next forward fill last_statistics (hard-negative fraction, mean
         # margin, t) for training reports; off by default because it costs a pass over the logits.
@@ -50,7 +62,8 @@ class MarginHead(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self._check_inputs(embeddings, labels)
         statistics: dict[str, float] | None = {} if self.record_statistics else None
-        loss = self.engine.loss(self.margin, embeddings, self.weight, labels, self.batch_reduce, statistics)
+        loss = self.engine.loss(self.margin, embeddings, self.weight, labels, self.batch_reduce, statistics,
+                                subcenters=self.subcenters)
         if statistics is not None:
             self.last_statistics = statistics
         return loss
@@ -58,8 +71,10 @@ class MarginHead(nn.Module):
     def get_logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
         if labels is not None:
             self._check_inputs(embeddings, labels)
-            return self.engine.logits(self.margin, embeddings, self.weight, labels, self.batch_reduce)
-        cos = cosine_matrix(embeddings.float() if embeddings.dtype != torch.float64 else embeddings, self.weight)
+            return self.engine.logits(self.margin, embeddings, self.weight, labels, self.batch_reduce,
+                                      subcenters=self.subcenters)
+        cos = cosine_matrix(embeddings.float() if embeddings.dtype != torch.float64 else embeddings, self.weight,
+                            self.subcenters)
         return cos * (self.margin.row_scale(embeddings.norm(dim=1)) if self.margin.needs_norms else self.margin.s)
 
     def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
@@ -73,8 +88,9 @@ class MarginHead(nn.Module):
 
     def extra_repr(self) -> str:
         shard = "" if len(self.class_range) == self.num_classes else f", class_range={self.class_range}"
+        subcenters = "" if self.subcenters == 1 else f", subcenters={self.subcenters}"
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
-                f"engine={self.engine.name}{shard}")
+                f"engine={self.engine.name}{shard}{subcenters}")
 
 
 # Class centres are drawn block by block, each block from its own seed: any sharding of the classes over
@@ -148,14 +164,18 @@ def create(
     embedding_size: int,
     engine: str | engines.Engine | None = None,
     engine_params: dict[str, Any] | None = None,
+    subcenters: int = 1,
     **margin_params: Any,
 ):
     """Create a head: the margin ``name`` with ``margin_params`` on ``num_classes`` class centres.
 
     ``engine`` is an engine name (with ``engine_params``) or an Engine object; None picks
-    ``engines.DEFAULT_ENGINE``. The softmax baseline is a plain linear layer and takes no engine.
+    ``engines.DEFAULT_ENGINE``. ``subcenters`` K: K centres per class (Sub-center ArcFace) for any margin.
+    The softmax baseline is a plain linear layer and takes no engine.
     """
     name = canonical_name(name)
+    if name == "softmax" and subcenters != 1:
+        raise ConfigError(f"head 'softmax' is a plain linear layer: subcenters={subcenters!r} needs a margin head")
     if name == "softmax":
         if margin_params.keys() - {"bias"}:
             raise ConfigError(
@@ -171,7 +191,8 @@ def create(
     if name not in margins.available():
         raise ConfigError(f"unknown head {name!r}: expected one of {', '.join(available())}")
     margin = margins.create(name, **margin_params)
-    return MarginHead(margin, num_classes, embedding_size, engine=engine, engine_params=engine_params)
+    return MarginHead(margin, num_classes, embedding_size, engine=engine, engine_params=engine_params,
+                      subcenters=subcenters)
 
 
 def check_size(name: str, value: Any, minimum: int) -> int:

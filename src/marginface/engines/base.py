@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from marginface.errors import ConfigError
-from marginface.margins.base import BatchReduce, Margin, RowContext, compute_dtype
+from marginface.margins.base import BatchReduce, Margin, RowContext, combine_row_statistics, compute_dtype
 
 NORM_EPS = 1e-12
 
@@ -30,13 +30,26 @@ def inverse_norms(weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(weight, dim=1).clamp_min(NORM_EPS).reciprocal()
 
 
-def target_cosines(x_hat: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+def target_cosines(x_hat: Tensor, weight: Tensor, labels: Tensor, subcenters: int = 1) -> Tensor:
     """cos θ_y per row by an indexed B·D dot product (no [B, C] work); 0 where the label is −1 (a target that
-    lies in another shard)."""
+    lies in another shard). With K sub-centres (rows y·K … y·K + K − 1) the nearest one's: max_k."""
     elsewhere = labels < 0
-    rows = weight[labels.clamp_min(0)]
-    cos = (x_hat * rows).sum(1) * inverse_norms(rows)
+    if subcenters == 1:
+        rows = weight[labels.clamp_min(0)]
+        cos = (x_hat * rows).sum(1) * inverse_norms(rows)
+    else:
+        index = labels.clamp_min(0)[:, None] * subcenters + torch.arange(subcenters, device=labels.device)
+        rows = weight[index]  # [B, K, D]
+        cos = ((x_hat[:, None, :] * rows).sum(2) * inverse_norms(rows.flatten(0, 1)).view_as(index)).amax(1)
     return torch.where(elsewhere, torch.zeros_like(cos), cos)
+
+
+def class_cosines(x_hat: Tensor, centres: Tensor, subcenters: int = 1) -> Tensor:
+    """cos θ_j [B, n] of n classes (their n·K centre rows): x̂Wᵀ scaled per column, then max over sub-centres."""
+    cos = (x_hat @ centres.t()) * inverse_norms(centres)
+    if subcenters == 1:
+        return cos
+    return cos.view(cos.shape[0], -1, subcenters).max(dim=2).values
 
 
 @dataclass
@@ -86,6 +99,44 @@ class Engine:
         """A value every process computes alike, whose gradient must reach shared inputs once (the identity)."""
         return value
 
+    def total_classes(self, weight: Tensor, subcenters: int = 1) -> int:
+        """The classifier's class count (every class on one process: W's rows over K sub-centres)."""
+        return weight.shape[0] // subcenters
+
+    def combine_state_rows(self, stats: dict[str, Tensor], reductions: dict[str, str]) -> dict[str, Tensor]:
+        """The statistics-only pass's reductions from this process's classes to all of them (the identity)."""
+        return stats
+
+    def block_classes(self, batch: int) -> int | None:
+        """Classes per block of the statistics-only pass (None: all at once)."""
+        return None
+
+    def state_pass(
+        self, margin: Margin, x_hat: Tensor, weight: Tensor, labels: Tensor, target_cos: Tensor, subcenters: int = 1
+    ) -> dict[str, Tensor]:
+        """The margin's ``state_reductions`` over every class this step sees, with the state before its update.
+
+        A separate pass without gradient (one GEMM per block, nothing kept), in the engine's blocking: it runs
+        only for margins whose state update reads the classes (AdaCos), and only when the state moves.
+        """
+        rows, _ = self.pass_rows()
+        classes = weight.shape[0] // subcenters if rows is None else rows.shape[0]
+        block = self.block_classes(x_hat.shape[0]) or max(1, classes)
+        parts = []
+        with torch.no_grad():
+            for start in range(0, classes, block):
+                stop = min(start + block, classes)
+                if rows is None:
+                    centres = weight[start * subcenters : stop * subcenters]
+                else:
+                    index = rows[start:stop, None] * subcenters + torch.arange(subcenters, device=rows.device)
+                    centres = weight[index.reshape(-1)]
+                cos = class_cosines(x_hat, centres, subcenters)
+                target_index = torch.where((labels >= start) & (labels < stop), labels - start, -1)
+                parts.append(margin.state_row_statistics(cos, target_index, target_cos))
+        reductions = dict(margin.state_reductions)
+        return self.combine_state_rows(combine_row_statistics(parts, reductions), reductions)
+
     def loss(
         self,
         margin: Margin,
@@ -94,13 +145,15 @@ class Engine:
         labels: Tensor,
         batch_reduce: BatchReduce | None = None,
         statistics: dict[str, float] | None = None,
+        subcenters: int = 1,
     ) -> Tensor:
         """The mean loss of ``margin`` over the batch (fp32 or fp64 whatever the input precision).
 
         When a ``statistics`` dict is given it is filled with what training reports follow: the fraction of hard
-        negatives, the mean per-sample margin and the margin's t, where the margin has them.
+        negatives, the mean per-sample margin and the margin's t, where the margin has them. ``subcenters`` K:
+        W holds K rows per class (j·K + k) and a class's cosine is the largest of its K.
         """
-        return margin_loss(self, margin, embeddings, weight, labels, batch_reduce, statistics)
+        return margin_loss(self, margin, embeddings, weight, labels, batch_reduce, statistics, subcenters)
 
     def logits(
         self,
@@ -109,12 +162,19 @@ class Engine:
         weight: Tensor,
         labels: Tensor,
         batch_reduce: BatchReduce | None = None,
+        subcenters: int = 1,
     ) -> Tensor:
         """Scaled margin logits [B, C]: materialised by definition, so every engine computes them densely."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x_hat, weight, labels, norms = full_precision_inputs(margin, embeddings, weight, labels)
-            cos = (x_hat @ weight.t()) * inverse_norms(weight)
-            margin.update_from_batch(cos.gather(1, labels[:, None])[:, 0], norms, batch_reduce)
+            cos = class_cosines(x_hat, weight, subcenters)
+            margin.set_num_classes(cos.shape[1])
+            target_cos = cos.gather(1, labels[:, None])[:, 0]
+            state_rows = None
+            if margin.needs_state_pass():
+                with torch.no_grad():
+                    state_rows = margin.state_row_statistics(cos, labels, target_cos)
+            margin.update_from_batch(target_cos, norms, batch_reduce, state_rows)
             logits, _ = margin.reference(cos, labels, norms=norms, update_state=False)
             return logits
 
@@ -132,6 +192,7 @@ class Engine:
         ctx: RowContext,
         scale: float | Tensor,
         count_hard: bool,
+        subcenters: int = 1,
     ) -> ClassPass:
         raise NotImplementedError
 
@@ -155,25 +216,30 @@ def margin_loss(
     labels: Tensor,
     batch_reduce: BatchReduce | None,
     statistics: dict[str, float] | None,
+    subcenters: int = 1,
 ) -> Tensor:
     """The sequence of margins/base.py, with the engine's class pass in the middle."""
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
         x_hat, weight, labels, norms = full_precision_inputs(margin, embeddings, weight, labels)
+        margin.set_num_classes(engine.total_classes(weight, subcenters))
         with torch.no_grad():
             rows, _ = engine.pass_rows()
             own_labels = labels if rows is None else rows_of(rows, labels)
-            detached_target = engine.combine_targets(target_cosines(x_hat, weight, own_labels))
-        margin.update_from_batch(detached_target, norms, batch_reduce)
+            detached_target = engine.combine_targets(target_cosines(x_hat, weight, own_labels, subcenters))
+            state_rows = None
+            if margin.needs_state_pass():
+                state_rows = engine.state_pass(margin, x_hat, weight, labels, detached_target, subcenters)
+        margin.update_from_batch(detached_target, norms, batch_reduce, state_rows)
         ctx = margin.prepare(detached_target, engine.count_once(norms))
         scale = margin.row_scale(norms)
         if isinstance(scale, Tensor):
             scale = scale.reshape(-1)
-        result = engine.class_pass(margin, x_hat, weight, labels, ctx, scale, statistics is not None)
+        result = engine.class_pass(margin, x_hat, weight, labels, ctx, scale, statistics is not None, subcenters)
         ctx["target_cos"] = result.target_cos
         ctx = margin.finish(ctx, {**result.row_stats, "negatives_lse": result.negatives_lse})
         loss = margin.row_loss(ctx["target"] * engine.count_once(scale), result.negatives_lse, ctx).mean()
         if statistics is not None:
-            classes = weight.shape[0] if result.classes is None else result.classes
+            classes = weight.shape[0] // subcenters if result.classes is None else result.classes
             record_statistics(statistics, margin, ctx, result.hard_count, classes - 1)
         return loss
 
@@ -189,6 +255,10 @@ def record_statistics(
             statistics["hard_fraction"] = float(hard_count.sum()) / max(1.0, hard_count.numel() * float(negatives))
         if "margin" in ctx:
             statistics["margin_mean"] = float(ctx["margin"].mean())
+        if "norms" in ctx:  # margins that read the feature norm (AdaFace, MagFace): its mean and spread
+            norms = ctx["norms"].detach()
+            statistics["norm_mean"] = float(norms.mean())
+            statistics["norm_std"] = float(norms.std()) if norms.numel() > 1 else 0.0
         t = getattr(margin, "t", None)
         if isinstance(t, Tensor):
             statistics["t"] = float(t.mean())

@@ -55,6 +55,7 @@ class ChunkedEngine(Engine):
         ctx: RowContext,
         scale: float | Tensor,
         count_hard_negatives: bool,
+        subcenters: int = 1,
     ) -> ClassPass:
         keys = tuple(margin.row_reductions)
         scale_tensor = scale if isinstance(scale, Tensor) else None
@@ -62,12 +63,12 @@ class ChunkedEngine(Engine):
         inputs = (x_hat, weight) if scale_tensor is None else (x_hat, weight, scale_tensor)
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
         rows, gradient = self.pass_rows()
-        classes = weight.shape[0] if rows is None else rows.shape[0]
+        classes = weight.shape[0] // subcenters if rows is None else rows.shape[0]
         keep = needs_grad and x_hat.shape[0] * classes * x_hat.element_size() <= self.keep_mb * 2**20
         count_hard_negatives = count_hard_negatives and "threshold" in ctx  # margins without one have no count
         target_cos, negatives_lse, hard, *stats = ChunkedClassPass.apply(
             x_hat, weight, scale_tensor, labels, margin, ctx, scale_value,
-            self.block_classes(x_hat.shape[0]), keep, needs_grad, count_hard_negatives, rows, gradient,
+            self.block_classes(x_hat.shape[0]), keep, needs_grad, count_hard_negatives, rows, gradient, subcenters,
         )  # fmt: skip
         hard_count = hard if count_hard_negatives else None
         return ClassPass(target_cos, negatives_lse, dict(zip(keys, stats, strict=True)), hard_count)
@@ -86,10 +87,32 @@ def block_target_index(labels: Tensor, start: int, stop: int) -> Tensor:
     return torch.where(inside, labels - start, -1)
 
 
-def class_block(weight: Tensor, rows: Tensor | None, start: int, stop: int) -> Tensor:
+def class_block(weight: Tensor, rows: Tensor | None, start: int, stop: int, subcenters: int = 1) -> Tensor:
     """Classes [start, stop) of the pass: W's own rows, or the kept rows ``rows[start:stop]`` gathered (a block
-    at a time, so the kept [C_kept, D] matrix is never copied whole)."""
-    return weight[start:stop] if rows is None else weight[rows[start:stop]]
+    at a time, so the kept [C_kept, D] matrix is never copied whole). With K sub-centres a class is K rows,
+    j·K … j·K + K − 1."""
+    if rows is None:
+        return weight[start * subcenters : stop * subcenters]
+    return weight[subcentre_rows(rows[start:stop], subcenters)]
+
+
+def subcentre_rows(classes: Tensor, subcenters: int) -> Tensor:
+    """W's row ids of the classes ``classes`` (each class's K sub-centres in order)."""
+    if subcenters == 1:
+        return classes
+    return (classes[:, None] * subcenters + torch.arange(subcenters, device=classes.device)).reshape(-1)
+
+
+def nearest_subcentre(cos: Tensor, subcenters: int) -> tuple[Tensor, Tensor]:
+    """cos θ_j = max_k cos θ_{j,k} of a [B, n·K] block -> ([B, n], the chosen k as uint8 [B, n])."""
+    values, choice = cos.view(cos.shape[0], -1, subcenters).max(dim=2)
+    return values, choice.to(torch.uint8)
+
+
+def spread_to_subcentres(grad: Tensor, choice: Tensor, subcenters: int) -> Tensor:
+    """The [B, n] gradient of the class cosines onto the chosen sub-centres' columns of [B, n·K] (0 elsewhere)."""
+    full = grad.new_zeros(grad.shape[0], grad.shape[1], subcenters)
+    return full.scatter_(2, choice.long()[..., None], grad[..., None]).view(grad.shape[0], -1)
 
 
 def mask_targets(z: Tensor, target_index: Tensor, value: float | Tensor) -> None:
@@ -130,6 +153,10 @@ class ChunkedClassPass(torch.autograd.Function):
     With ``rows`` (Partial FC's kept classes, sorted) the pass runs over W[rows] only, gathering each block as it
     goes; the labels are positions in ``rows`` and dW lands in the rows ``rows`` of a reused buffer
     (``GradientBuffer``), zero elsewhere.
+
+    With K ``subcenters`` a class is K rows of W and c_ij = max_k c_ijk (Sub-center ArcFace): the block's
+    [B, n·K] cosines are reduced to [B, n] with the chosen k kept (uint8), and the backward puts G_ij on the
+    chosen sub-centre's column only, so the same two GEMMs run on the [n·K, D] block.
     """
 
     @staticmethod
@@ -148,28 +175,34 @@ class ChunkedClassPass(torch.autograd.Function):
         count_hard_negatives: bool,
         rows: Tensor | None = None,
         gradient: GradientBuffer | None = None,
+        subcenters: int = 1,
     ):
         batch = x_hat.shape[0]
-        classes = weight.shape[0] if rows is None else rows.shape[0]
+        classes = weight.shape[0] // subcenters if rows is None else rows.shape[0]
         row_scale = scale_tensor[:, None] if scale_tensor is not None else scale_value
         # the plain path (ArcFace, CosFace, ...) scales the product once in place and does nothing else per block
         plain = margin.identity_negatives and not margin.row_reductions and scale_tensor is None
         plain = plain and not count_hard_negatives
-        target_cos = target_cosines(x_hat, weight, labels if rows is None else rows_of(rows, labels))
+        target_cos = target_cosines(x_hat, weight, labels if rows is None else rows_of(rows, labels), subcenters)
         lse = x_hat.new_full((batch,), float("-inf"))
         stats: dict[str, Tensor] = {}
         hard = x_hat.new_zeros(batch, dtype=torch.long)
-        block_max, block_dot, kept = [], [], []
+        block_max, block_dot, kept, choices = [], [], [], []
         for start in range(0, classes, chunk_size):
             stop = min(start + chunk_size, classes)
-            block = class_block(weight, rows, start, stop)
+            block = class_block(weight, rows, start, stop, subcenters)
             inv = inverse_norms(block)
             target_index = block_target_index(labels, start, stop)
             product = x_hat @ block.t()
+            if subcenters > 1:  # the class cosines, normalised before the max over sub-centres
+                product, choice = nearest_subcentre(product.mul_(inv), subcenters)
+                inv = None
+                if keep:
+                    choices.append(choice)
             if plain:
-                z, values, slope = product.mul_(inv * scale_value), None, 1.0
+                z, values, slope = product.mul_(scale_value if inv is None else inv * scale_value), None, 1.0
             else:
-                cos = product.mul_(inv)
+                cos = product if inv is None else product.mul_(inv)
                 for key, part in margin.row_statistics(cos, target_index, row_ctx).items():
                     combine = PAIRWISE_REDUCERS[margin.row_reductions[key]]
                     stats[key] = part if key not in stats else combine(stats[key], part)
@@ -196,6 +229,7 @@ class ChunkedClassPass(torch.autograd.Function):
             ctx.save_for_backward(x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows)
             ctx.kept, ctx.margin, ctx.row_ctx, ctx.gradient = kept, margin, row_ctx, gradient
             ctx.scale_value, ctx.chunk_size, ctx.plain = scale_value, chunk_size, plain
+            ctx.subcenters, ctx.choices = subcenters, choices
         return tuple(outputs)
 
     @staticmethod
@@ -203,12 +237,14 @@ class ChunkedClassPass(torch.autograd.Function):
         x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows = ctx.saved_tensors
         margin, row_ctx, kept = ctx.margin, ctx.row_ctx, ctx.kept
         row_scale = scale_tensor[:, None] if scale_tensor is not None else ctx.scale_value
-        classes = weight.shape[0] if rows is None else rows.shape[0]
+        subcenters = ctx.subcenters
+        classes = weight.shape[0] // subcenters if rows is None else rows.shape[0]
+        weight_rows = None if rows is None else subcentre_rows(rows, subcenters)
         grad_x = torch.zeros_like(x_hat)
         grad_w = None
         if ctx.needs_input_grad[1]:
             # every block writes its rows, so no fill (a [C, D] fill costs as much as a GEMM here)
-            grad_w = torch.empty_like(weight) if rows is None else ctx.gradient.begin(weight, rows)
+            grad_w = torch.empty_like(weight) if rows is None else ctx.gradient.begin(weight, weight_rows)
         if grad_lse is None:
             grad_lse = torch.zeros_like(lse)
         # g_L·s·exp(m_b − L) per block turns e into the gradient; m_b <= L, so it never overflows
@@ -216,17 +252,23 @@ class ChunkedClassPass(torch.autograd.Function):
         coefficients = coefficients * torch.exp(block_max - lse[:, None])
         for b, start in enumerate(range(0, classes, ctx.chunk_size)):
             stop = min(start + ctx.chunk_size, classes)
-            block = class_block(weight, rows, start, stop)
+            block = class_block(weight, rows, start, stop, subcenters)
             inv = inverse_norms(block)
             target_index = block_target_index(labels, start, stop)
             if kept:
                 grad_cos = kept[b] * coefficients[:, b : b + 1]
+                choice = ctx.choices[b] if subcenters > 1 else None
             else:
                 product = x_hat @ block.t()
+                block_inv: Tensor | None = inv
+                if subcenters > 1:
+                    product, choice = nearest_subcentre(product.mul_(inv), subcenters)
+                    block_inv = None
                 if ctx.plain:
-                    z, slope = product.mul_(inv * ctx.scale_value), 1.0
+                    z, slope = product.mul_(ctx.scale_value if block_inv is None else block_inv * ctx.scale_value), 1.0
                 else:
-                    values, slope = margin.negatives_with_slope(product.mul_(inv), row_ctx)
+                    cos = product if block_inv is None else product.mul_(block_inv)
+                    values, slope = margin.negatives_with_slope(cos, row_ctx)
                     z = values.mul_(row_scale)
                 mask_targets(z, target_index, float("-inf"))
                 grad_cos = z.sub_(block_max[:, b : b + 1]).exp_().mul_(coefficients[:, b : b + 1])
@@ -234,17 +276,20 @@ class ChunkedClassPass(torch.autograd.Function):
                     grad_cos.mul_(slope)
             if grad_target is not None:
                 mask_targets(grad_cos, target_index, grad_target)
+            if subcenters > 1:
+                grad_cos = spread_to_subcentres(grad_cos, choice, subcenters)
             grad_cos.mul_(inv)
             grad_x.addmm_(grad_cos, block)
             if grad_w is not None:
                 # written in place: [chunk, D] temporaries would each be fresh pages to fault in
-                u = torch.mm(grad_cos.t(), x_hat, out=grad_w[start:stop] if rows is None else None)
+                first, last = start * subcenters, stop * subcenters
+                u = torch.mm(grad_cos.t(), x_hat, out=grad_w[first:last] if rows is None else None)
                 along = torch.bmm(u.unsqueeze(1), block.unsqueeze(2)).view(-1)  # (U ⊙ W_b)·1 without a temporary
                 u.addcmul_((along * inv * inv)[:, None], block, value=-1.0)
                 if rows is not None:
-                    grad_w.index_copy_(0, rows[start:stop], u)
+                    grad_w.index_copy_(0, weight_rows[first:last], u)
         grad_scale = grad_lse * scale_dot if scale_dot is not None and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_scale, *(None,) * 10
+        return grad_x, grad_w, grad_scale, *(None,) * 11
 
 
 def finite_shift(top: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from marginface.engines.base import (
     BatchReduce,
     ClassPass,
     Engine,
+    class_cosines,
     count_hard,
     inverse_norms,
     target_cosines,
@@ -25,9 +26,9 @@ from marginface.margins.base import Margin, RowContext
 __all__ = ["BatchReduce", "DenseEngine", "ScaledNegatives", "cosine_matrix", "inverse_norms"]
 
 
-def cosine_matrix(embeddings: Tensor, weight: Tensor) -> Tensor:
-    """cos θ between every embedding [B, D] and every class centre [C, D] -> [B, C]."""
-    return (F.normalize(embeddings, dim=1, eps=NORM_EPS) @ weight.t()) * inverse_norms(weight)
+def cosine_matrix(embeddings: Tensor, weight: Tensor, subcenters: int = 1) -> Tensor:
+    """cos θ between every embedding [B, D] and every class [C·K, D] -> [B, C] (max over K sub-centres)."""
+    return class_cosines(F.normalize(embeddings, dim=1, eps=NORM_EPS), weight, subcenters)
 
 
 class DenseEngine(Engine):
@@ -44,9 +45,10 @@ class DenseEngine(Engine):
         ctx: RowContext,
         scale: float | Tensor,
         count_hard_negatives: bool,
+        subcenters: int = 1,
     ) -> ClassPass:
-        target_cos = target_cosines(x_hat, weight, labels)
-        cos = (x_hat @ weight.t()) * inverse_norms(weight)
+        target_cos = target_cosines(x_hat, weight, labels, subcenters)
+        cos = class_cosines(x_hat, weight, subcenters)  # max over sub-centres: autograd routes to the chosen one
         with torch.no_grad():
             row_stats = margin.row_statistics(cos, labels, ctx)
             hard = count_hard(cos, ctx, labels) if count_hard_negatives else None

@@ -104,16 +104,18 @@ class ShardedEngine(ChunkedEngine):
         labels: Tensor,
         batch_reduce: BatchReduce | None = None,
         statistics: dict[str, float] | None = None,
+        subcenters: int = 1,
     ) -> Tensor:
         if self.class_range is None:  # used without a head: one process holding every class
-            self.shard(weight.shape[0])
+            self.shard(weight.shape[0] // subcenters)
         rank, world = self._world
         if self.process() != self._world:
             raise ConfigError(f"engine {self.name!r} was set up for rank {rank} of {world}, but the process group "
                               f"is now {self.process()}: create the head inside the process group it trains in")
-        if weight.shape[0] != len(self.class_range):
-            raise ValueError(f"engine {self.name!r}: expected the {len(self.class_range)} centres of classes "
-                             f"{self.class_range.start}..{self.class_range.stop - 1}, got {weight.shape[0]} rows")
+        if weight.shape[0] != len(self.class_range) * subcenters:
+            raise ValueError(f"engine {self.name!r}: expected the {len(self.class_range) * subcenters} centres of "
+                             f"classes {self.class_range.start}..{self.class_range.stop - 1} ({subcenters} per "
+                             f"class), got {weight.shape[0]} rows")
         labels = labels.long()
         if world > 1:
             check_equal_batches(embeddings.shape[0], labels.device)
@@ -126,7 +128,7 @@ class ShardedEngine(ChunkedEngine):
         sample = sample_classes(local, len(self.class_range), self.sample_rate)
         self._rows = sample.index
         try:
-            return margin_loss(self, margin, embeddings, weight, sample.labels, batch_reduce, statistics)
+            return margin_loss(self, margin, embeddings, weight, sample.labels, batch_reduce, statistics, subcenters)
         finally:
             self._rows = None
 
@@ -147,6 +149,14 @@ class ShardedEngine(ChunkedEngine):
             return value
         return value.detach()
 
+    def total_classes(self, weight: Tensor, subcenters: int = 1) -> int:
+        return self.num_classes if self.num_classes is not None else weight.shape[0] // subcenters
+
+    def combine_state_rows(self, stats: dict[str, Tensor], reductions: dict[str, str]) -> dict[str, Tensor]:
+        if self._world[1] == 1:
+            return stats
+        return {key: all_reduce_row_statistic(value, reductions[key]) for key, value in stats.items()}
+
     def class_pass(
         self,
         margin: Margin,
@@ -156,9 +166,10 @@ class ShardedEngine(ChunkedEngine):
         ctx: RowContext,
         scale: float | Tensor,
         count_hard_negatives: bool,
+        subcenters: int = 1,
     ) -> ClassPass:
-        local = super().class_pass(margin, x_hat, weight, labels, ctx, scale, count_hard_negatives)
-        local.classes = weight.shape[0] if self._rows is None else self._rows.shape[0]
+        local = super().class_pass(margin, x_hat, weight, labels, ctx, scale, count_hard_negatives, subcenters)
+        local.classes = weight.shape[0] // subcenters if self._rows is None else self._rows.shape[0]
         if self._world[1] == 1:
             return local
         global_target, self._global_target = self._global_target, None
@@ -211,6 +222,23 @@ def combine_across_ranks(local: ClassPass, margin: Margin, global_target: Tensor
         stats[key] = value.to(like.dtype)
     hard_count = sums[-2].round().long() if hard else None
     return ClassPass(target_cos, negatives_lse, stats, hard_count, classes=sums[-1][0].round())
+
+
+def all_reduce_row_statistic(value: Tensor, kind: str) -> Tensor:
+    """One per-row statistic combined over the ranks by its reduction (sum, max, or logsumexp: max then sum)."""
+    combined = value.to(torch.float64)
+    if kind == "sum":
+        dist.all_reduce(combined)
+    elif kind == "max":
+        dist.all_reduce(combined, op=dist.ReduceOp.MAX)
+    else:
+        top = combined.clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+        shift = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        total = torch.exp(combined - shift)
+        dist.all_reduce(total)
+        combined = shift + total.log()
+    return combined.to(value.dtype)
 
 
 def check_equal_batches(batch: int, device: torch.device) -> None:

@@ -3,11 +3,17 @@
 Every engine (dense, chunked, later sharded) drives a margin through the same steps, so a margin written once
 runs everywhere; ``engines.base.margin_loss`` is that sequence, shared by every engine:
 
+0. ``set_num_classes(C)``: the classifier's (global) class count, before anything else (AdaCos's initial s).
 1. ``update_from_batch``: ``batch_statistics(target_cos, norms)`` -> sums over the batch (detached), all-reduced across
    ranks, then ``update_state(stats)`` moves the margin's state (CurricularFace's t) once per step, in training
-   mode only (or always, where ``update_in_eval`` is set).
-2. ``prepare(target_cos, norms)`` -> the row context N may use (the hard-negative threshold, ...). It sees the
-   *detached* target cosine: everything N reads from the context is a constant of the step.
+   mode only (or always, where ``update_in_eval`` is set). A margin whose update needs a reduction over the
+   classes (AdaCos's Σ_{j≠y} e^{s·c_j} with the old s) declares it in ``state_reductions``: the engine then runs a
+   statistics-only pass first (``state_row_statistics`` per block, no gradient, combined like ``row_reductions``
+   and across shards) and hands the result to ``batch_statistics(..., state_rows=...)``.
+2. ``prepare(target_cos, norms)`` -> the row context N and T may use (the hard-negative threshold, a per-row
+   margin, ...). It sees the *detached* target cosine, so everything N reads from the context is a constant of
+   the step; the feature norms it gets are *not* detached (AdaFace detaches them itself; MagFace's margin and
+   regulariser differentiate through them).
 3. One pass over the classes, block by block (any blocking, any order):
    ``row_statistics(cos_block, target_index, ctx)`` -> per-row reductions without gradient, combined across
    blocks and shards with the reduction named in ``row_reductions`` ("sum", "max" or "logsumexp");
@@ -17,7 +23,12 @@ runs everywhere; ``engines.base.margin_loss`` is that sequence, shared by every 
    margin's reductions and ``"negatives_lse"``, so a margin may define its target from the partition function
    (AM-LFS) and the gradient flows through it on every engine.
 5. ``row_loss(target_logit, negatives_lse, ctx)`` -> the per-sample loss, −G·log(e^{z_y} / (e^{z_y} + e^{L})):
-   plain cross-entropy unless a margin re-weights samples (G) or defines its loss otherwise.
+   plain cross-entropy unless a margin re-weights samples (G), adds a per-sample term (MagFace's regulariser
+   λ_g·g(‖x‖)) or defines its loss otherwise.
+
+Steps 2, 4 and 5 run outside every engine's autograd Function, in plain autograd: whatever T and the row loss
+compute from the context (a margin of the feature norm, a regulariser) differentiates back into the embeddings
+on every engine without the engine knowing.
 
 ``forward(cos, labels)`` is the dense reference composition of those steps on a full row; it returns logits
 (T and N, scaled), and ``reference_loss`` adds step 5.
@@ -103,12 +114,33 @@ class Margin(nn.Module):
     t_attribute: ClassVar[str | None] = None
     # Stateful margins whose reference code also moves the state in eval mode set this (CurricularFace).
     update_in_eval: bool = False
+    # Per-row reductions over the classes that ``batch_statistics`` needs (a statistics-only pass before the state
+    # update; AdaCos). Same kinds as ``row_reductions``.
+    state_reductions: ClassVar[Mapping[str, str]] = {}
+    # Margins drawing random numbers from their own generator (ElasticFace): a head seeds it from the global one.
+    uses_generator: ClassVar[bool] = False
 
     def __init__(self, s: float = 64.0) -> None:
         super().__init__()
         self.s = check_positive("s", s)
 
     # -- the steps --------------------------------------------------------------------------------------
+    def set_num_classes(self, num_classes: int) -> None:
+        """The classifier's class count (every engine and the dense reference call this first; most ignore it)."""
+        return None
+
+    def seed_generator(self, seed: int) -> None:
+        """Seed the margin's own generator (margins with ``uses_generator``; a head calls it at creation)."""
+        return None
+
+    def needs_state_pass(self) -> bool:
+        """Whether this step's state update needs the statistics-only pass over the classes."""
+        return bool(self.state_reductions) and (self.training or self.update_in_eval)
+
+    def state_row_statistics(self, cos: Tensor, target_index: Tensor, target_cos: Tensor) -> dict[str, Tensor]:
+        """Per-row reductions (``state_reductions``) over one block of classes, with the state *before* the update."""
+        return {}
+
     def batch_statistics(self, target_cos: Tensor, norms: Tensor | None = None) -> dict[str, Tensor]:
         """Sums over the batch (detached inputs) that ``update_state`` needs; all-reduced across ranks."""
         return {}
@@ -117,13 +149,19 @@ class Margin(nn.Module):
         return None
 
     def update_from_batch(
-        self, target_cos: Tensor, norms: Tensor | None = None, batch_reduce: BatchReduce | None = None
+        self,
+        target_cos: Tensor,
+        norms: Tensor | None = None,
+        batch_reduce: BatchReduce | None = None,
+        state_rows: Mapping[str, Tensor] | None = None,
     ) -> None:
         """Step 1, the one state update of every engine and of ``reference``: once per step, from the
-        (all-reduced) batch statistics, in training mode (or always, where ``update_in_eval`` is set)."""
+        (all-reduced) batch statistics, in training mode (or always, where ``update_in_eval`` is set).
+        ``state_rows``: the statistics-only pass's reductions, for margins that declare ``state_reductions``."""
         if not (self.training or self.update_in_eval):
             return
-        stats = self.batch_statistics(target_cos.detach(), None if norms is None else norms.detach())
+        extra = {"state_rows": state_rows} if self.state_reductions else {}
+        stats = self.batch_statistics(target_cos.detach(), None if norms is None else norms.detach(), **extra)
         if stats and batch_reduce is not None:
             stats = batch_reduce(stats)
         self.update_state(stats)
@@ -193,9 +231,14 @@ class Margin(nn.Module):
                 f"margin {self.name!r} needs the feature norms: call it as margin(cos, labels, norms=...)"
             )
         labels = labels.long()
+        self.set_num_classes(cos.shape[1])
         target_cos = cos.gather(1, labels[:, None]).squeeze(1)
         if update_state:
-            self.update_from_batch(target_cos, norms)
+            state_rows = None
+            if self.needs_state_pass():
+                with torch.no_grad():
+                    state_rows = self.state_row_statistics(cos.detach(), labels, target_cos.detach())
+            self.update_from_batch(target_cos, norms, state_rows=state_rows)
         target_mask = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, labels[:, None], True)
         ctx = self.prepare(target_cos.detach(), norms)
         ctx["target_cos"] = target_cos

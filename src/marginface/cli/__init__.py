@@ -19,7 +19,7 @@ from marginface.errors import MarginfaceError
 # Order is the order shown by `marginface --help`. Every listed command must have its module: a missing one
 # is a broken installation and fails loudly (tests/test_cli_help.py runs --help of each). A module's command is
 # its name with dashes (import_weights: `marginface import-weights`).
-COMMAND_MODULES = ("train", "eval", "search", "data", "export", "import_weights", "plot", "bench")
+COMMAND_MODULES = ("train", "compare", "eval", "search", "data", "export", "import_weights", "plot", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "marginface compare --margins arcface cosface:m=0.35 curricularface --seeds 3 --out runs/tournament",
             "marginface compare --margins softmax arcface 'npcface:m0=0.4,m1=0.2' --seeds 5 --parallel 2 "
             "--out runs/t2 train.max_steps=300",
-            "marginface compare --config my_benchmark.yaml --margins arcface cosface --seeds 3 "
+            "marginface compare --config configs/compare_synthetic.yaml --margins arcface cosface --seeds 3 "
             "--baseline cosface --out runs/hard --json",
         ),
     )

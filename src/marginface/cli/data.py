@@ -1,4 +1,4 @@
-"""`marginface data`: dataset tools (`pack` to RecordIO, `inspect`, and `synth` when installed)."""
+"""`marginface data`: dataset tools (`pack` to RecordIO, `inspect`, `clean` by sub-centres, `synth` if installed)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect.add_argument("--no-progress", action="store_true", help="hide the progress bar of --verify")
     inspect.set_defaults(func=run_inspect)
 
+    clean = sub.add_parser(
+        "clean",
+        help="drop likely label noise from a sub-centre run's training set (Sub-center ArcFace)",
+        description=(
+            "Embed RUN's training set with its backbone, find each class's dominant sub-centre in its "
+            "head.safetensors (the one most of the class's samples are nearest to) and drop the samples farther "
+            "than --max-angle degrees from it. Writes OUT/train.rec, train.idx and property (the kept samples, "
+            "same labels and class count: train on them with data.train=OUT) and OUT/clean_report.json and "
+            "clean_report.txt (dropped samples per class, totals). RUN must have been trained with "
+            "head.subcenters=K >= 2."
+        ),
+        epilog=example_epilog("marginface data clean runs/subcenter --max-angle 75",
+                              "marginface train head.margin=arcface data.train=runs/subcenter/cleaned"),
+        formatter_class=help_formatter(),
+    )
+    clean.add_argument("run", metavar="RUN", help="a finished training run trained with head.subcenters >= 2")
+    clean.add_argument("--max-angle", type=float, default=75.0,
+                       help="degrees from the dominant sub-centre beyond which a sample is dropped (default 75)")
+    clean.add_argument("--out", metavar="DIR", help="where to write the kept set and report (default RUN/cleaned)")
+    clean.add_argument("--overwrite", action="store_true", help="replace an existing DIR/train.rec")
+    clean.add_argument("--batch-size", type=int, default=256, help="images embedded at a time (default 256)")
+    clean.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    clean.add_argument("--json", action="store_true", help="print the report as JSON")
+    clean.set_defaults(func=run_clean)
+
     try:
         synth = importlib.import_module("marginface.cli.data_synth")
     except ModuleNotFoundError as exc:
@@ -118,3 +143,21 @@ def run_inspect(args: argparse.Namespace) -> int:
     info = inspect_dataset(args.path, verify=args.verify, progress=progress)
     print(json.dumps(info, indent=2) if args.json else format_report(info))
     return 0 if info.get("ok", True) else 1
+
+
+def run_clean(args: argparse.Namespace) -> int:
+    from marginface.data.clean import REPORT_JSON, clean_run, format_report
+    from marginface.errors import ConfigError
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size={args.batch_size} is invalid: expected a positive integer")
+    summary = clean_run(args.run, max_angle=args.max_angle, out_dir=args.out, overwrite=args.overwrite,
+                        progress=not args.no_progress and not args.json, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        table = format_report(summary).splitlines()
+        shown = table[:12] + (["     ..."] if len(table) > 13 else []) + table[-1:] if len(table) > 13 else table
+        print("\n".join(shown))
+        print(f"report: {Path(summary['out']) / REPORT_JSON}")
+    return 0

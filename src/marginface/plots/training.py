@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from marginface.plots.common import integer_ticks, plt
 
-__all__ = ["PANELS", "Panel", "accuracy_figure", "history_figures", "panel_figure"]
+__all__ = ["PANELS", "Panel", "accuracy_figure", "feature_norm_figure", "history_figures", "panel_figure"]
 
 # Below this many points each one is marked: a 1- or 2-point history is otherwise a dot-less, invisible line.
 MARKED_POINTS = 30
@@ -74,6 +74,27 @@ def accuracy_figure(history: Sequence[dict[str, Any]]) -> Figure | None:
     return figure
 
 
+def feature_norm_figure(history: Sequence[dict[str, Any]]) -> Figure | None:
+    """Mean feature norm ‖x‖ ± its standard deviation over the batch against the step (MagFace, AdaFace log them:
+    the norm is their quality signal), or None when the history has no norms."""
+    points = [(r["step"], r["margin/norm_mean"], r.get("margin/norm_std")) for r in history
+              if r.get("margin/norm_mean") is not None]
+    if not points:
+        return None
+    steps = [p[0] for p in points]
+    means = [p[1] for p in points]
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    axis.plot(steps, means, marker="o" if len(points) <= MARKED_POINTS else None, markersize=3.5, label="mean")
+    spread = [(s, m, d) for s, m, d in points if d is not None]
+    if spread:
+        axis.fill_between([p[0] for p in spread], [m - d for _, m, d in spread], [m + d for _, m, d in spread],
+                          alpha=0.25, linewidth=0, label="± 1 std over the batch")
+        axis.legend(fontsize="small")
+    axis.set(title="feature norm ‖x‖", ylabel="‖x‖ (L2 norm, embedding units)")
+    _step_axis(axis)
+    return figure
+
+
 def history_figures(history: Sequence[dict[str, Any]]) -> list[tuple[str, str, Figure]]:
     """``(key, title, figure)`` for every panel the history has data for, then the accuracy figure."""
     figures = []
@@ -81,6 +102,9 @@ def history_figures(history: Sequence[dict[str, Any]]) -> list[tuple[str, str, F
         figure = panel_figure(panel, history)
         if figure is not None:
             figures.append((panel.key, panel.title, figure))
+    figure = feature_norm_figure(history)
+    if figure is not None:
+        figures.append(("feature_norm", "feature norm", figure))
     figure = accuracy_figure(history)
     if figure is not None:
         figures.append(("accuracy", "verification accuracy", figure))

@@ -57,6 +57,7 @@ class HeadConfig:
     params: dict[str, Any] = field(default_factory=lambda: {"s": 30.0, "m": 0.3})
     engine: str = "auto"  # auto: engines.DEFAULT_ENGINE for margin heads (softmax is its own linear layer)
     engine_params: dict[str, Any] = field(default_factory=dict)
+    subcenters: int = 1  # K centres per class (Sub-center ArcFace); K > 1 makes `marginface data clean` possible
 
 
 @dataclass
@@ -304,6 +305,13 @@ def validate(config: Config) -> None:
             f"head.engine={config.head.engine!r} is invalid: expected one of "
             f"{', '.join([engines.AUTO, *engines.available()])}"
         )
+    subcenters = config.head.subcenters
+    if not subcenters >= 1:
+        raise ConfigError(f"head.subcenters={subcenters!r} is invalid: expected an integer >= 1 (centres per class; "
+                          "1 is a plain classifier)")
+    if subcenters > 1 and config.head.margin == "softmax":
+        raise ConfigError(f"head.subcenters={subcenters} needs a margin head: head.margin=softmax is a plain linear "
+                          "layer (pick a margin, e.g. head.margin=arcface, or set head.subcenters=1)")
     engine_name = engines.DEFAULT_ENGINE if config.head.engine == engines.AUTO else config.head.engine
     unknown = sorted(config.head.engine_params.keys() - set(engines.option_names(engine_name)))
     if unknown:

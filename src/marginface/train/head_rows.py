@@ -4,6 +4,8 @@ A sharded head's rows (its weight and the optimiser's per-row state: SGD's momen
 into the main checkpoint file: each rank writes ``step_N.head/classes_START-STOP.pt`` for its own range, and the
 main file lists the ranges. Reading asks for any class range and assembles it from whichever files overlap it,
 so a run saved by 3 ranks resumes on 2, on 1, or on 8; a missing or damaged part is an error that names it.
+With K sub-centres per class a class owns K consecutive rows (j·K … j·K + K − 1), so ranges stay class ranges
+and a class's K rows are always saved, sliced and re-sharded together.
 """
 
 from __future__ import annotations
@@ -65,18 +67,28 @@ def join_rows(
     return module_state, {**optimizer_state, "state": per_parameter}
 
 
-def write_shard(directory: Path, class_range: range, num_classes: int, rows: dict[str, Tensor]) -> Path:
-    """This rank's rows, atomically, under a name that says which classes they are."""
+def write_shard(
+    directory: Path, class_range: range, num_classes: int, rows: dict[str, Tensor], subcenters: int = 1
+) -> Path:
+    """This rank's rows (K = ``subcenters`` per class), atomically, under a name that says which classes they are."""
+    for name, value in rows.items():
+        if value.shape[0] != len(class_range) * subcenters:
+            raise MarginfaceError(f"head rows {name!r} has {value.shape[0]} rows, expected {len(class_range)} "
+                                  f"classes × {subcenters} sub-centres")
     buffer = io.BytesIO()
     torch.save({"class_range": [class_range.start, class_range.stop], "num_classes": num_classes,
+                "subcenters": subcenters,
                 "rows": {name: value.detach().cpu() for name, value in rows.items()}}, buffer)
     path = shard_file(directory, class_range)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
-def read_rows(directory: Path, ranges: Iterable[range], wanted: range, num_classes: int) -> dict[str, Tensor]:
-    """Rows ``wanted`` assembled from the shard files of ``ranges`` that overlap it (any world size wrote them)."""
+def read_rows(
+    directory: Path, ranges: Iterable[range], wanted: range, num_classes: int, subcenters: int = 1
+) -> dict[str, Tensor]:
+    """The rows of classes ``wanted`` (K = ``subcenters`` each) assembled from the shard files of ``ranges`` that
+    overlap it (any world size wrote them)."""
     parts: dict[str, list[Tensor]] = {}
     covered = wanted.start
     for class_range in sorted(ranges, key=lambda r: r.start):
@@ -86,16 +98,17 @@ def read_rows(directory: Path, ranges: Iterable[range], wanted: range, num_class
         if low != covered:
             raise MarginfaceError(f"{directory}: no shard holds classes {covered}..{low - 1} of the head")
         path = shard_file(directory, class_range)
-        shard = load_shard(path, class_range, num_classes)
+        shard = load_shard(path, class_range, num_classes, subcenters)
+        k = subcenters
         for name, value in shard["rows"].items():
-            parts.setdefault(name, []).append(value[low - class_range.start : high - class_range.start])
+            parts.setdefault(name, []).append(value[(low - class_range.start) * k : (high - class_range.start) * k])
         covered = high
     if covered != wanted.stop or not parts:
         raise MarginfaceError(f"{directory}: no shard holds classes {covered}..{wanted.stop - 1} of the head")
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def load_shard(path: Path, class_range: range, num_classes: int) -> dict[str, Any]:
+def load_shard(path: Path, class_range: range, num_classes: int, subcenters: int = 1) -> dict[str, Any]:
     try:
         shard = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -106,15 +119,23 @@ def load_shard(path: Path, class_range: range, num_classes: int) -> dict[str, An
         raise MarginfaceError(f"checkpoint part {path} holds classes {shard.get('class_range')} of "
                               f"{shard.get('num_classes')}, expected {class_range.start}..{class_range.stop} of "
                               f"{num_classes}")
+    saved = shard.get("subcenters", 1)  # parts written before sub-centres existed hold one row per class
+    if saved != subcenters:
+        raise MarginfaceError(f"checkpoint part {path} holds {saved} sub-centre(s) per class, but this head has "
+                              f"head.subcenters={subcenters}: resume with the run's own head.subcenters")
     return shard
 
 
-def write_head_safetensors(path: Path, num_classes: int, parts: Iterable[Tensor], metadata: dict[str, str]) -> None:
-    """One [C, D] fp32 ``weight`` in class order, streamed part by part (never all of W in memory at once)."""
+def write_head_safetensors(
+    path: Path, num_classes: int, parts: Iterable[Tensor], metadata: dict[str, str], subcenters: int = 1
+) -> None:
+    """One [C·K, D] fp32 ``weight`` in class order (row j·K + k: sub-centre k of class j), streamed part by part
+    (never all of W in memory at once)."""
     parts = iter(parts)
     first = next(parts)
     dim = first.shape[1]
-    header = {"weight": {"dtype": "F32", "shape": [num_classes, dim], "data_offsets": [0, num_classes * dim * 4]},
+    total_rows = num_classes * subcenters
+    header = {"weight": {"dtype": "F32", "shape": [total_rows, dim], "data_offsets": [0, total_rows * dim * 4]},
               "__metadata__": metadata}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
@@ -124,7 +145,8 @@ def write_head_safetensors(path: Path, num_classes: int, parts: Iterable[Tensor]
         for part in (first, *parts):
             stream.write(part.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
             written += part.shape[0]
-        if written != num_classes:
-            raise MarginfaceError(f"{path}: wrote {written} class centres, expected {num_classes}")
+        if written != total_rows:
+            raise MarginfaceError(f"{path}: wrote {written} rows, expected {num_classes} classes × {subcenters} "
+                                  "sub-centre(s)")
         stream.flush()
         os.fsync(stream.fileno())

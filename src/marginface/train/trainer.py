@@ -99,6 +99,7 @@ def build_model(config: Config, num_classes: int) -> TrainingModule:
     head = heads.create(
         config.head.margin, num_classes=num_classes, embedding_size=config.model.embedding_size,
         engine=config.head.engine, engine_params=config.head.engine_params, **config.head.params,
+        subcenters=config.head.subcenters,
     )
     return TrainingModule(backbone, head)
 
@@ -295,10 +296,10 @@ class Trainer:
             head = self.module.head
             index = head_rows.parameter_index(self.optimizer, head.weight)
             state["module"], state["optimizer"], rows = head_rows.split_rows(
-                state["module"], state["optimizer"], "head.weight", index, len(head.class_range))
+                state["module"], state["optimizer"], "head.weight", index, len(head.class_range) * head.subcenters)
             if self._write_checkpoints:
                 head_rows.write_shard(self.checkpoints.head_directory(self.state.step), head.class_range,
-                                      head.num_classes, rows)
+                                      head.num_classes, rows, subcenters=head.subcenters)
             ranges = [[part.start, part.stop] for part in self._head_ranges()]
             state["head_shards"] = {"num_classes": head.num_classes, "ranges": ranges}
             self.world.barrier()
@@ -332,7 +333,7 @@ class Trainer:
         """The checkpoint with this process's head rows in place, whatever world size wrote it."""
         saved = state.get("num_classes")
         if saved is None and "head.weight" in state.get("module", {}):
-            saved = state["module"]["head.weight"].shape[0]
+            saved = state["module"]["head.weight"].shape[0] // getattr(self.module.head, "subcenters", 1)
         if saved is not None and saved != self.dataset.num_classes:
             raise ConfigError(f"{path} was trained on {saved} classes, but this training set has "
                               f"{self.dataset.num_classes}: resume with the run's own data")
@@ -340,15 +341,17 @@ class Trainer:
         if not isinstance(head, heads.MarginHead):
             return state
         index = head_rows.parameter_index(self.optimizer, head.weight)
-        wanted, num_classes = head.class_range, head.num_classes
+        wanted, num_classes, k = head.class_range, head.num_classes, head.subcenters
         if "head_shards" in state:
             ranges = [range(start, stop) for start, stop in state["head_shards"]["ranges"]]
-            rows = head_rows.read_rows(self.checkpoints.head_directory_of(path), ranges, wanted, num_classes)
+            rows = head_rows.read_rows(self.checkpoints.head_directory_of(path), ranges, wanted, num_classes,
+                                       subcenters=k)
         elif len(wanted) != num_classes:  # a whole head (one process, or replicated), resumed sharded
             module_state, optimizer_state, rows = head_rows.split_rows(
-                state["module"], state["optimizer"], "head.weight", index, num_classes)
+                state["module"], state["optimizer"], "head.weight", index, num_classes * k)
             state = {**state, "module": module_state, "optimizer": optimizer_state}
-            rows = {name: value[wanted.start : wanted.stop] for name, value in rows.items()}
+            # a class's K sub-centre rows are contiguous (j·K … j·K + K − 1): classes slice as row blocks
+            rows = {name: value[wanted.start * k : wanted.stop * k] for name, value in rows.items()}
         else:
             return state
         state["module"], state["optimizer"] = head_rows.join_rows(
@@ -528,24 +531,29 @@ class Trainer:
         return {"mode": self.config.data.bad_records, "count": len(unique), "records": unique}
 
     def export_head(self) -> None:
-        """``head.safetensors``: the whole classifier [C, D] in class order (label ids), however it was sharded;
-        a sharded head is assembled from the last checkpoint's parts, one part in memory at a time."""
+        """``head.safetensors``: the whole classifier [C·K, D] in class order (label ids; with K sub-centres, row
+        j·K + k is sub-centre k of class j), however it was sharded; a sharded head is assembled from the last
+        checkpoint's parts, one part in memory at a time."""
         head = self.module.head
         if not isinstance(head, heads.MarginHead) or not self.write_outputs:
             return
-        metadata = {"num_classes": str(head.num_classes), "rows": "class centres in label order",
+        k = head.subcenters
+        metadata = {"num_classes": str(head.num_classes), "subcenters": str(k),
+                    "rows": "class centres in label order" if k == 1 else
+                    "sub-centres in label order: row j*K + k is sub-centre k of class j",
                     "margin": head.margin.name, "step": str(self.state.step)}
         path = self.run_dir / "head.safetensors"
         if not self.sharded_head:
-            head_rows.write_head_safetensors(path, head.num_classes, [head.weight], metadata)
+            head_rows.write_head_safetensors(path, head.num_classes, [head.weight], metadata, subcenters=k)
             return
         latest = self.checkpoints.latest()
         if latest is None or latest.name != f"step_{self.state.step:09d}.pt":
             return  # no checkpoint of this step to assemble from (a search, or checkpoints turned off)
         ranges = self._head_ranges()
         directory = self.checkpoints.head_directory_of(latest)
-        parts = (head_rows.read_rows(directory, ranges, part, head.num_classes)["weight"] for part in ranges)
-        head_rows.write_head_safetensors(path, head.num_classes, parts, metadata)
+        parts = (head_rows.read_rows(directory, ranges, part, head.num_classes, subcenters=k)["weight"]
+                 for part in ranges)
+        head_rows.write_head_safetensors(path, head.num_classes, parts, metadata, subcenters=k)
 
     def _head_ranges(self) -> list[range]:
         """Every rank's classes of a sharded head (derived: the split is a function of C and the world size)."""

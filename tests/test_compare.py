@@ -244,3 +244,15 @@ def test_parallel_subprocess_runs_equal_the_sequential_ones(tournament, tmp_path
         theirs = np.load(sequential / f"runs/arcface/seed{seed}/pair_scores.npz")
         for key in theirs.files:
             assert np.array_equal(mine[key], theirs[key]), key
+
+
+def test_a_setting_added_later_at_its_default_keeps_an_old_comparison() -> None:
+    from marginface.compare.plan import comparable_config, identity_differences
+    from marginface.train.config import config_from_dict
+
+    current = comparable_config(config_from_dict({}))
+    stored = {**current, "head": {k: v for k, v in current["head"].items() if k != "subcenters"}}
+    assert identity_differences({"config": stored}, {"config": current}) == []
+    changed = config_from_dict({"head": {"subcenters": 2}})
+    assert identity_differences({"config": stored}, {"config": comparable_config(changed)}) == [
+        "head.subcenters: 1 before, 2 now"]

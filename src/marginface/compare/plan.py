@@ -129,10 +129,19 @@ def resolve_baseline(margins: list[MarginSpec], baseline: str | None) -> MarginS
     return matches[0]
 
 
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config with the settings a newer marginface added filled in at their defaults (so a comparison
+    written before a new key existed still matches when the key is left at its default)."""
+    try:
+        return comparable_config(config_from_dict(config))
+    except Exception:  # a config this version cannot read is simply compared as stored
+        return config
+
+
 def identity_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What differs between two identities, one phrase per difference (config keys, margins, seeds)."""
     differences = []
-    old_flat, new_flat = flatten(old.get("config", {})), flatten(new.get("config", {}))
+    old_flat, new_flat = flatten(with_defaults(old.get("config", {}))), flatten(new.get("config", {}))
     for key in sorted(old_flat.keys() | new_flat.keys()):
         if old_flat.get(key, "(unset)") != new_flat.get(key, "(unset)"):
             differences.append(f"{key}: {old_flat.get(key, '(unset)')!r} before, {new_flat.get(key, '(unset)')!r} now")

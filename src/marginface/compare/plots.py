@@ -39,7 +39,8 @@ def interval_figure(summary: dict, kind: str) -> Figure | None:
     margins = summary["margins"]
     if not pair_sets or not margins:
         return None
-    figure, axis = plt.subplots(figsize=(max(6.4, 1.6 * len(pair_sets) + 2), 4.2))
+    # the legend sits right of the axes: inside, it hides the error bars of some pair set
+    figure, axis = plt.subplots(figsize=(max(6.4, 1.6 * len(pair_sets) + 2) + 2.4, 4.2))
     width = 0.8 / len(margins)
     for i, label in enumerate(margins):
         if kind == "differences" and label == summary["baseline"]:
@@ -66,7 +67,8 @@ def interval_figure(summary: dict, kind: str) -> Figure | None:
         axis.set_ylabel("10-fold accuracy (%)")
         axis.set_title("accuracy, mean over seeds, 95 % bootstrap intervals")
     axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize="small", loc="best")
+    axis.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    figure.tight_layout()
     return figure
 
 

@@ -17,13 +17,13 @@ from marginface.margins.base import (
     COS_EPS,
     Margin,
     RowContext,
+    arc_target,
     check_bool,
     check_choice,
     check_non_negative,
     check_number,
     check_positive,
     check_range,
-    cos_plus_margin,
 )
 from marginface.margins.registry import register
 
@@ -255,15 +255,7 @@ class ElasticFaceArc(ElasticMargin):
         self.fallback = check_bool("fallback", fallback)
 
     def target_logit(self, target_cos: Tensor, ctx: RowContext) -> Tensor:
-        margin = self.row_margin(ctx)
-        value = cos_plus_margin(target_cos, margin)
-        if not self.fallback:
-            return value
-        if isinstance(margin, Tensor):
-            threshold, fallback = torch.cos(math.pi - margin), target_cos - margin * torch.sin(margin)
-        else:
-            threshold, fallback = math.cos(math.pi - margin), target_cos - margin * math.sin(margin)
-        return torch.where(target_cos > threshold, value, fallback)
+        return arc_target(target_cos, self.row_margin(ctx), fallback=self.fallback)
 
 
 @register
@@ -328,12 +320,7 @@ class MagFace(Margin):
         return {"target_cos": target_cos, "magnitude": magnitude, "margin": margin, "norms": norms}
 
     def target_logit(self, target_cos: Tensor, ctx: RowContext) -> Tensor:
-        margin = ctx["margin"].to(target_cos.dtype)
-        value = cos_plus_margin(target_cos, margin)
-        if self.easy_margin:
-            return torch.where(target_cos > 0, value, target_cos)
-        threshold = torch.cos(math.pi - margin)
-        return torch.where(target_cos > threshold, value, target_cos - margin * torch.sin(margin))
+        return arc_target(target_cos, ctx["margin"].to(target_cos.dtype), easy_margin=self.easy_margin)
 
     def row_loss(self, target_logit: Tensor, negatives_lse: Tensor, ctx: RowContext) -> Tensor:
         magnitude = ctx["magnitude"].to(target_logit.dtype)

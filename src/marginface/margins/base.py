@@ -79,9 +79,9 @@ def cos_plus_margin(cos: Tensor, margin: float | Tensor) -> Tensor:
 
 
 def arc_target(
-    cos: Tensor, m: float, *, easy_margin: bool = False, fallback: bool = True, gradient: str = "exact"
+    cos: Tensor, m: float | Tensor, *, easy_margin: bool = False, fallback: bool = True, gradient: str = "exact"
 ) -> Tensor:
-    """ArcFace's T(c) = cos(θ + m) with the insightface guards.
+    """ArcFace's T(c) = cos(θ + m) with the insightface guards; ``m`` a number or one margin per row.
 
     fallback (th/mm): where θ + m would pass π (c <= cos(π − m)), use c − m·sin m so that T keeps decreasing.
     easy_margin: apply the margin only where c > 0 (takes precedence over the fallback).
@@ -90,6 +90,8 @@ def arc_target(
     margined = cos_plus_margin(cos, m)
     if easy_margin:
         value = torch.where(cos > 0, margined, cos)
+    elif fallback and isinstance(m, Tensor):
+        value = torch.where(cos > torch.cos(math.pi - m), margined, cos - m * torch.sin(m))
     elif fallback:
         value = torch.where(cos > math.cos(math.pi - m), margined, cos - m * math.sin(m))
     else:

@@ -3,7 +3,6 @@ K rows together, and `head.safetensors` with C·K rows in class order."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from marginface.errors import ConfigError, MarginfaceError
 from marginface.train import head_rows
 from marginface.train.config import load_config
+from run_copies import back_to_step
 
 TINY = ["data.synthetic.identities=16", "data.synthetic.images_per_id=6", "data.synthetic.pairs_per_set=40",
         "data.num_workers=0", "train.log_every=1", "train.eval_every=0", "train.threads=1", "--no-progress",
@@ -34,16 +34,6 @@ def launch(env: dict, ranks: int, *args: str) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
-
-def back_to_step(run: Path, copy: Path, step: int) -> Path:
-    """A copy of ``run`` as it stood after the checkpoint of ``step``."""
-    shutil.copytree(run, copy)
-    for path in (copy / "checkpoints").iterdir():
-        if int(path.name[5:14]) > step:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for name in ("model.safetensors", "head.safetensors", "metrics.json", "report.md"):
-        (copy / name).unlink(missing_ok=True)
-    return copy
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 
 from marginface.errors import MarginfaceError
 from marginface.train import head_rows
+from run_copies import back_to_step
 
 TINY = ["data.synthetic.identities=16", "data.synthetic.images_per_id=6", "data.synthetic.pairs_per_set=40",
         "data.num_workers=0", "train.log_every=1", "train.eval_every=0", "train.threads=1", "--no-progress",
@@ -52,16 +52,6 @@ def assert_close_runs(actual: Path, expected: Path) -> None:
         torch.testing.assert_close(a[key], e[key], rtol=2e-4, atol=2e-6, msg=f"{actual.name} vs {expected.name}: {key}")
     assert losses(actual) == pytest.approx(losses(expected), rel=1e-5)
 
-
-def back_to_step(run: Path, copy: Path, step: int) -> Path:
-    """A copy of ``run`` as it stood after the checkpoint of ``step`` (later checkpoints and outputs removed)."""
-    shutil.copytree(run, copy)
-    for path in (copy / "checkpoints").iterdir():
-        if int(path.name[5:14]) > step:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for name in ("model.safetensors", "head.safetensors", "metrics.json", "report.md"):
-        (copy / name).unlink(missing_ok=True)
-    return copy
 
 
 @pytest.fixture(scope="module")

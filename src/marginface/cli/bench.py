@@ -147,7 +147,8 @@ def run_data(args: argparse.Namespace) -> int:
     dataset = open_dataset(path, image_size=args.image_size)
     item = bench.item_rate(dataset, args.items, args.rounds)
     loaders = [bench.loader_rate(dataset, n, args.batch_size, args.batches) for n in bench.worker_counts(args.workers)]
-    size = f"{len(dataset):,} images, {dataset[0][0].shape[-1]}x{dataset[0][0].shape[-2]} to the network"
+    height, width = dataset[0][0].shape[-2:]
+    size = f"{len(dataset):,} images, {width}x{height} to the network"
     if args.json:
         print(json.dumps({"path": path, "images": len(dataset), "item": dataclasses.asdict(item),
                           "loader": [dataclasses.asdict(r) for r in loaders]}, indent=2))

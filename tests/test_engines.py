@@ -243,3 +243,17 @@ def test_each_margins_closed_form_slope_equals_autograd_of_its_negatives(name):
     if "threshold" in ctx:
         hard = int((cos > ctx["threshold"][:, None]).sum())
         assert 0 < hard < cos.numel(), "the data must hold both hard and easy negatives"
+
+
+@pytest.mark.parametrize("name", ["arcface", "curricularface", "npcface"])
+def test_a_second_backward_through_kept_blocks_gives_the_same_gradients(name):
+    # the backward consumes the kept blocks in place; with retain_graph a second backward must recompute them
+    x, weight, labels = data()
+    margin = mf.margins.create(name).double().train()
+    engine = engines.create("chunked", chunk_size=5, keep_mb=64.0)
+    xs, ws = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    loss = engine.loss(margin, xs, ws, labels)
+    first = torch.autograd.grad(loss, [xs, ws], retain_graph=True)
+    second = torch.autograd.grad(loss, [xs, ws])
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)

@@ -269,7 +269,9 @@ def count_hard(cos: Tensor, ctx: RowContext, target_index: Tensor) -> Tensor | N
     if "threshold" not in ctx:
         return None
     threshold = ctx["threshold"]
-    count = (cos > threshold[:, None]).sum(1)
+    # a float indicator and nansum rather than (c > T).sum(): a bool reduction is ~5x slower on CPU, and a NaN
+    # cosine counts as not hard either way
+    count = (cos - threshold[:, None]).clamp_(min=0.0).sign_().nansum(1).long()
     target_is_hard = (target_index >= 0) & (ctx["target_cos"] > threshold)
     return count - target_is_hard.long()
 

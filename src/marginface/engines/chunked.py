@@ -23,9 +23,10 @@ from marginface.engines.sampling import GradientBuffer
 from marginface.margins.base import PAIRWISE_REDUCERS, Margin, RowContext
 
 # chunk_size=None picks BLOCK_ELEMENTS / B classes (a power of two, at least MIN_CHUNK): measured on 2 CPU
-# threads at B = 128 and 512 (docs/benchmarks.md), a [B, chunk] block of about 2^18 fp32 values (1 MiB) keeps
-# each block's GEMM at full speed while its elementwise passes stay in cache.
-BLOCK_ELEMENTS = 2**18
+# threads at B = 128 and 512 (docs/benchmarks.md), a [B, chunk] block of about 2^19 fp32 values (2 MiB) keeps
+# each block's GEMM at full speed and the per-block overhead small while its elementwise passes stay near cache
+# (2^18 was best before the block passes stopped allocating; 2^20 favours ArcFace and slows the mining heads).
+BLOCK_ELEMENTS = 2**19
 MIN_CHUNK = 256
 # Keeping exp(z − m_b)·dN/dc for the backward saves one GEMM in four; up to this size it is worth the memory.
 DEFAULT_KEEP_MB = 256.0
@@ -34,7 +35,7 @@ DEFAULT_KEEP_MB = 256.0
 class ChunkedEngine(Engine):
     """Streams ``chunk_size`` classes at a time through one autograd Function (``ChunkedClassPass``).
 
-    ``chunk_size``: classes per block (None: about 2^18 / B, measured). ``keep_mb``: when the batch's [B, C]
+    ``chunk_size``: classes per block (None: about 2^19 / B, measured). ``keep_mb``: when the batch's [B, C]
     block products fit in this many MiB they are kept from the forward (3 GEMMs in all); otherwise the backward
     recomputes them (4 GEMMs). 0 always recomputes.
     """
@@ -250,13 +251,19 @@ class ChunkedClassPass(torch.autograd.Function):
         # g_L·s·exp(m_b − L) per block turns e into the gradient; m_b <= L, so it never overflows
         coefficients = (grad_lse * (scale_tensor if scale_tensor is not None else ctx.scale_value))[:, None]
         coefficients = coefficients * torch.exp(block_max - lse[:, None])
+        # (U ⊙ W_b)·1 goes through one reused [chunk, D] scratch: a batched dot product (bmm) runs as a
+        # matrix-vector product per row and cost ~15x the multiply-and-sum on CPU (docs/benchmarks.md)
+        block_rows = min(ctx.chunk_size, classes) * subcenters
+        scratch = None if grad_w is None else weight.new_empty(block_rows, weight.shape[1])
         for b, start in enumerate(range(0, classes, ctx.chunk_size)):
             stop = min(start + ctx.chunk_size, classes)
             block = class_block(weight, rows, start, stop, subcenters)
             inv = inverse_norms(block)
             target_index = block_target_index(labels, start, stop)
             if kept:
-                grad_cos = kept[b] * coefficients[:, b : b + 1]
+                # in place, and each kept block is let go once used (the [B, C] of them drain as dW fills); a
+                # second backward (retain_graph) finds ctx.kept empty and recomputes
+                grad_cos, kept[b] = kept[b].mul_(coefficients[:, b : b + 1]), None
                 choice = ctx.choices[b] if subcenters > 1 else None
             else:
                 product = x_hat @ block.t()
@@ -284,10 +291,11 @@ class ChunkedClassPass(torch.autograd.Function):
                 # written in place: [chunk, D] temporaries would each be fresh pages to fault in
                 first, last = start * subcenters, stop * subcenters
                 u = torch.mm(grad_cos.t(), x_hat, out=grad_w[first:last] if rows is None else None)
-                along = torch.bmm(u.unsqueeze(1), block.unsqueeze(2)).view(-1)  # (U ⊙ W_b)·1 without a temporary
+                along = torch.mul(u, block, out=scratch[: u.shape[0]]).sum(1)
                 u.addcmul_((along * inv * inv)[:, None], block, value=-1.0)
                 if rows is not None:
                     grad_w.index_copy_(0, weight_rows[first:last], u)
+        ctx.kept = []
         grad_scale = grad_lse * scale_dot if scale_dot is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_scale, *(None,) * 11
 

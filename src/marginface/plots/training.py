@@ -33,10 +33,13 @@ def _scaled(key: str, factor: float) -> Callable[[dict[str, Any]], float | None]
 PANELS = (
     Panel("loss", "training loss", "loss (nats per sample)", _scaled("train/loss", 1.0)),
     Panel("lr", "learning rate", "learning rate (dimensionless)", _scaled("train/lr", 1.0)),
-    Panel("t", "CurricularFace t", "t (cosine, mean of cos θ_y)", _scaled("margin/t", 1.0)),
+    # the margins log these under shared keys, so the titles name every margin that logs one
+    Panel("t", "t (CurricularFace: EMA of cos θ_y; MV-Softmax, NPCFace: fixed)", "t (cosine units)",
+          _scaled("margin/t", 1.0)),
     Panel("hard_fraction", "fraction of hard negatives", "hard negatives (% of negatives)",
           _scaled("margin/hard_fraction", 100.0)),
-    Panel("margin_mean", "NPCFace mean positive margin m̃", "m̃ (radians)", _scaled("margin/margin_mean", 1.0)),
+    Panel("margin_mean", "batch mean of the per-sample margin (NPCFace m̃, MagFace m(a), ElasticFace draws)",
+          "m (radians; cosine units for ElasticFace-Cos)", _scaled("margin/margin_mean", 1.0)),
 )
 
 

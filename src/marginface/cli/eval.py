@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "marginface eval runs/demo/model.safetensors --pairs /data/faces_emore --json",
             "marginface eval model.onnx --pairs lfw.bin cfp_fp.bin --plot plots/",
             "marginface eval runs/demo --ijb /data/IJB_release/IJBC --target IJBC",
+            "marginface eval runs/magface --quality-scores runs/magface/quality.csv   # MagFace: norm = quality",
         ),
     )
     parser.add_argument("model", metavar="MODEL", help="run directory, .safetensors or .onnx")
@@ -43,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ijb", metavar="ROOT", help="IJB tree with loose_crop/ and meta/")
     parser.add_argument("--target", choices=("IJBB", "IJBC"), default="IJBC")
     parser.add_argument("--plot", metavar="DIR", help="write ROC, score histograms (and CMC for IJB) into DIR")
+    parser.add_argument("--quality-scores", metavar="FILE",
+                        help="write each image's raw embedding norm (MagFace's quality score; the image as given, "
+                             "not its flip) as a CSV: set,image,norm — image is the index in a .bin, the file name "
+                             "for IJB; FILE's directory must exist")
     parser.add_argument("--output", metavar="FILE",
                         help="JSON results file (default: MODEL_DIR/eval.json for a run directory)")
     parser.add_argument("--json", action="store_true",
@@ -64,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         # Checked first: a missing model is the real problem, not the pair sets it would have implied.
         raise FileNotFoundError(f"model path {args.model} does not exist: expected a run directory, "
                                 ".safetensors or .onnx file")
+    if args.quality_scores:
+        from marginface.eval.quality import check_quality_path
+
+        check_quality_path(args.quality_scores, "--quality-scores")  # before the slow part, like every input
     pair_paths = resolve_pairs(args)
     if not pair_paths and not args.ijb:
         raise ValueError("nothing to score: give --pairs FILE_OR_DIR and/or --ijb ROOT")
@@ -77,27 +86,39 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and not args.json
     results: dict = {"model": str(args.model), "verification": {}}
     scores_for_plots = {}
+    quality = []  # (set, image ids, norms): from the forward pass that scores the set, not a second one
     for pair_set in pair_sets:
-        result, scores = evaluate_pairs(model, pair_set, args.batch_size, args.flip, return_scores=True,
-                                        progress=progress)
+        result, scores, norms = evaluate_pairs(model, pair_set, args.batch_size, args.flip, return_scores=True,
+                                               progress=progress, return_norms=True)
         results["verification"][pair_set.name] = json_plain(result)
         scores_for_plots[pair_set.name] = (scores, pair_set.issame)
+        quality.append((pair_set.name, range(len(norms)), norms))
     if args.ijb:
         from marginface.eval import evaluate_ijb
 
         ijb = evaluate_ijb(model, args.ijb, args.target, flip=args.flip, batch_size=args.batch_size,
-                           return_scores=bool(args.plot), progress=progress)
+                           return_scores=bool(args.plot), return_norms=bool(args.quality_scores),
+                           progress=progress)
         if args.plot:
             scores_for_plots[args.target] = (ijb.pop("scores"), ijb.pop("labels"))
+        if args.quality_scores:
+            quality.append((args.target, ijb.pop("image_names"), ijb.pop("norms")))
         results["ijb"] = {args.target: json_plain(ijb)}
     if args.plot:
         results["plots"] = write_plots(Path(args.plot), scores_for_plots, results)
+    if args.quality_scores:
+        from marginface.eval.quality import write_quality_scores
+
+        write_quality_scores(args.quality_scores, quality, "--quality-scores")
     if output:
         from marginface.fileio import atomic_write_text
 
         document = merge_results(previous, results)
         atomic_write_text(output, json.dumps(json_plain(document), indent=2) + "\n")
         results["output"] = output
+    if args.quality_scores:
+        # added after the results file is written: where this call put its CSV is not a result of the model
+        results["quality_scores"] = str(args.quality_scores)
     if args.json:
         print(json.dumps(json_plain(results), indent=2))
     else:
@@ -228,5 +249,7 @@ def print_table(results: dict) -> None:
             print(f"[{target} {gallery}] {ranks}  {tpir}")
     if "output" in results:
         print(f"results: {results['output']}")
+    if "quality_scores" in results:
+        print(f"quality scores: {results['quality_scores']}")
 
 

@@ -1,5 +1,5 @@
 """Evaluation: safe verification `.bin` pair sets, vectorised verification/identification metrics, running a
-model over images, and IJB-B/IJB-C scoring. Nothing here depends on the training stack.
+model over images (with per-image quality norms), and IJB-B/IJB-C scoring. Nothing here depends on the training stack.
 
 Names load lazily so that `import marginface.eval` does not import torch until a model is run.
 """
@@ -32,6 +32,11 @@ _EXPORTS = {
     # embed.py
     "embed_images": "marginface.eval.embed",
     "embed_images_separate": "marginface.eval.embed",
+    "embed_images_with_norms": "marginface.eval.embed",
+    # quality.py
+    "QUALITY_HEADER": "marginface.eval.quality",
+    "check_quality_path": "marginface.eval.quality",
+    "write_quality_scores": "marginface.eval.quality",
     # verification.py
     "evaluate_pairs": "marginface.eval.verification",
     "verification_table": "marginface.eval.verification",

@@ -630,6 +630,7 @@ def evaluate_ijb(
     far_rule: str = "nearest",
     one_to_n: bool = True,
     return_scores: bool = False,
+    return_norms: bool = False,
     progress: bool = False,
 ) -> dict:
     """Evaluate on IJB-B/IJB-C end to end.
@@ -639,7 +640,10 @@ def evaluate_ijb(
     then ``flip`` is ignored), [N, 2, D] (original, flipped) or a tuple ``(original, flipped)``. The
     switches ``norm``/``detector``/``flip`` are N1/D1/F1 of eval_ijbc.py (its defaults: all on).
     Returns ``mode`` (e.g. "N1D1F1"), counts, ``tar_at_far``, ``auc``, and ``identification`` per gallery
-    when the 1:N files exist; ``scores``/``labels`` too with ``return_scores``. ``progress`` shows bars on
+    when the 1:N files exist; ``scores``/``labels`` too with ``return_scores``, and with ``return_norms``
+    ``image_names`` (the meta order) and ``norms``, float32 [N]: the L2 norm of each image's original feature
+    before any normalisation (MagFace's quality score; of the fused rows when fused features are passed).
+    ``progress`` shows bars on
     stderr: one over the images embedded, one over the scoring stages (templates, 1:1, 1:N)."""
     meta = read_ijb_meta(root, target, one_to_n=one_to_n)
     flipped = None
@@ -692,4 +696,8 @@ def evaluate_ijb(
         stages.close()
     if return_scores:
         result["scores"], result["labels"] = verification["scores"], meta.labels
+    if return_norms:
+        # the features already computed for scoring: the quality scores cost no second pass over the images
+        result["image_names"] = list(meta.image_names)
+        result["norms"] = np.linalg.norm(np.asarray(original, dtype=np.float32), axis=1)
     return result

@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from marginface.errors import ConfigError
-from marginface.eval.embed import embed_images
+from marginface.eval.embed import embed_images_with_norms
 from marginface.eval.metrics import DEFAULT_FARS, kfold_accuracy, pair_scores, tar_at_far
 
 __all__ = ["DEFAULT_BATCH_SIZE", "MIN_IMPOSTORS_PER_LEVEL", "evaluate_pairs", "supported_fars", "verification_table"]
@@ -58,15 +58,19 @@ def verification_table(scores: np.ndarray, issame: np.ndarray, xnorm: float | No
 
 
 def evaluate_pairs(model: nn.Module, pairset: object, batch_size: int = DEFAULT_BATCH_SIZE, flip: bool = True,
-                   return_scores: bool = False, progress: bool = False) -> dict | tuple[dict, np.ndarray]:
-    """Embed a `PairSet` (flip fusion) and score it with `verification_table`; with ``return_scores`` also the
-    cosine score of every pair (for ROC plots); ``progress`` shows a bar on stderr while embedding."""
+                   return_scores: bool = False, progress: bool = False, *,
+                   return_norms: bool = False) -> dict | tuple:
+    """Embed a `PairSet` (flip fusion) and score it with `verification_table`; ``progress`` shows a bar on stderr
+    while embedding. Returns the table, or a tuple of the table and what was asked for, in this order: with
+    ``return_scores`` the cosine score of every pair (for ROC plots), with ``return_norms`` each image's raw
+    embedding norm in the set's order (float32 [2P], the quality score of `embed_images_with_norms`)."""
     images = getattr(pairset, "images", None)
     issame = getattr(pairset, "issame", None)
     if images is None or issame is None:
         raise ConfigError("evaluate_pairs needs a PairSet (an object with .images and .issame)")
-    embeddings, norm = embed_images(model, images, batch_size=batch_size, flip=flip, progress=progress,
-                                    desc=getattr(pairset, "name", None))
+    embeddings, norm, image_norms = embed_images_with_norms(model, images, batch_size=batch_size, flip=flip,
+                                                            progress=progress, desc=getattr(pairset, "name", None))
     scores = pair_scores(embeddings)
     table = verification_table(scores, issame, norm, getattr(pairset, "name", None))
-    return (table, scores) if return_scores else table
+    extras = ((scores,) if return_scores else ()) + ((image_norms,) if return_norms else ())
+    return (table, *extras) if extras else table

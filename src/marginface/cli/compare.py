@@ -15,7 +15,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train every listed head under the same config and budget for each seed (for one seed every margin "
             "sees the same samples in the same order and starts from the same backbone), score the configured "
-            "pair sets, and write DIR/compare.json and DIR/report.md: mean accuracy and TAR@FAR per margin with "
+            "pair sets (and IJB-B/C with --ijb), and write DIR/compare.json and DIR/report.md: mean accuracy and "
+            "TAR@FAR per margin with "
             "95 % bootstrap intervals (over seeds, then pairs) and the paired difference to a baseline, with "
             "plots. Each run is an ordinary run directory, DIR/runs/<margin>/seed<k>. Rerunning the same "
             "command reuses finished runs and resumes interrupted ones. Method: docs/compare.md."
@@ -27,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--out runs/t2 train.max_steps=300",
             "marginface compare --config configs/compare_synthetic.yaml --margins arcface cosface --seeds 3 "
             "--baseline cosface --out runs/hard --json",
+            "marginface compare --margins arcface cosface --seeds 3 --ijb /data/IJB_release/IJBC --ijb-target IJBC "
+            "--out runs/tournament",
         ),
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -44,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(train.threads = cores // N unless set); default 1, in this process")
     parser.add_argument("--force", action="store_true",
                         help="use an --out that holds a different comparison: runs that differ are retrained")
+    parser.add_argument("--ijb", metavar="ROOT", help="also score every run on this IJB tree (loose_crop/ and meta/, "
+                        "as `marginface eval --ijb` reads it): TAR@FAR with intervals; adding it to a finished "
+                        "comparison scores the runs without training them again")
+    parser.add_argument("--ijb-target", choices=("IJBB", "IJBC"), default=None,
+                        help="which IJB protocol of --ijb ROOT (default IJBC)")
     parser.add_argument("--bootstrap", type=int, default=None, metavar="R",
                         help="bootstrap replicates per pair set (default 1000)")
     parser.add_argument("--bootstrap-seed", type=int, default=None, metavar="SEED",
@@ -56,13 +64,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from marginface.cli.train import check_device
     from marginface.compare import compare, make_plan, parse_margins
+    from marginface.compare.ijb import DEFAULT_TARGET
     from marginface.compare.statistics import DEFAULT_BOOTSTRAP_SEED, DEFAULT_REPLICATES
+    from marginface.errors import ConfigError
     from marginface.train import load_config
 
+    if args.ijb_target is not None and args.ijb is None:
+        raise ConfigError(f"--ijb-target {args.ijb_target} needs --ijb ROOT (the IJB tree to score)")
     items, overrides = split_overrides(args.margins)
     margins = parse_margins(items)  # before the config: a bad name is the first thing to hear about
     config = load_config(args.config, [*overrides, *args.overrides])
-    plan = make_plan(args.out, config, margins, args.seeds, baseline=args.baseline)
+    plan = make_plan(args.out, config, margins, args.seeds, baseline=args.baseline, ijb=args.ijb,
+                     ijb_target=args.ijb_target or DEFAULT_TARGET)
     check_device(config.train.device, "train.device of the comparison's config")
     summary = compare(plan, parallel=args.parallel, force=args.force, progress=not args.no_progress,
                       replicates=DEFAULT_REPLICATES if args.bootstrap is None else args.bootstrap,
@@ -81,10 +94,29 @@ def run(args: argparse.Namespace) -> int:
             if label != summary["baseline"] and diff["value"] is not None:
                 line += f", vs {summary['baseline']} {format_interval(diff, signed=True)} points"
             print(line)
+    print_ijb(summary)
     counts = summary["counts"]
     print(f"{counts['finished']} of {counts['planned']} runs finished, {counts['failed']} failed; "
           f"report: {plan.out / 'report.md'}")
     return 0
+
+
+def print_ijb(summary: dict) -> None:
+    """TAR at the smallest FAR the IJB pairs support, per margin, with the difference to the baseline."""
+    ijb = summary["ijb"]
+    if not isinstance(ijb, dict) or not ijb["metrics"]:
+        return
+    metric, far = ijb["metrics"][0], ijb["levels"][0]
+    print(f"{ijb['title']} (TAR@FAR={far:g}):")
+    for label, entry in ijb["margins"].items():
+        tar, diff = entry["estimates"][metric], entry["differences"][metric]
+        if tar["value"] is None:
+            print(f"  {label}: no finished run")
+            continue
+        line = f"  {label}: {format_interval(tar)} %"
+        if label != summary["baseline"] and diff["value"] is not None:
+            line += f", vs {summary['baseline']} {format_interval(diff, signed=True)} points"
+        print(line)
 
 
 def split_overrides(items: list[str]) -> tuple[list[str], list[str]]:

@@ -25,6 +25,10 @@ def compare(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
     claim_directory(plan, force=force)
     outcomes = running.execute(plan, parallel=parallel, force=force, progress=progress, echo=echo)
     echo(f"statistics: {replicates} bootstrap replicates per pair set")
+    if plan.ijb is not None:
+        # the one slow statistic: each replicate redraws every template pair of every seed (docs/compare.md)
+        echo(f"statistics: {plan.ijb.title}: {replicates} replicates × {len(plan.seeds)} seeds × "
+             f"{plan.ijb.pairs:,} template pairs (--bootstrap R lowers the replicates)")
     summary = summarise(plan, outcomes, replicates, bootstrap_seed)
     plots = write_comparison_plots(plan, outcomes, summary)
     summary["plots"] = [path.relative_to(plan.out).as_posix() for _, path in plots]

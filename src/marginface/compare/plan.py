@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from marginface.compare.ijb import DEFAULT_TARGET, IJBSpec, check_ijb
 from marginface.compare.spec import MarginSpec, valid_parameters
 from marginface.errors import ConfigError
 from marginface.train.config import Config, config_from_dict, flatten, switch_margin
@@ -50,9 +51,12 @@ class ComparisonPlan:
     seeds: tuple[int, ...]
     baseline: MarginSpec
     runs: tuple[RunPlan, ...]
+    # what the finished runs are also scored on; not part of the identity: it changes no run's training
+    ijb: IJBSpec | None = None
 
     def identity(self) -> dict[str, Any]:
-        """What a rerun into the same directory must match: the base config, the margins and the seeds."""
+        """What a rerun into the same directory must match: the base config, the margins and the seeds (not the
+        IJB tree: adding or changing it only scores the trained runs again)."""
         return {"config": comparable_config(self.base), "margins": [m.label for m in self.margins],
                 "seeds": list(self.seeds)}
 
@@ -97,19 +101,22 @@ def check_margin(spec: MarginSpec, base: Config) -> None:
 
 
 def make_plan(out: str | Path, base: Config, margins: list[MarginSpec], seeds: int,
-              baseline: str | None = None) -> ComparisonPlan:
-    """Validate everything a comparison needs and lay out its runs under ``out``/runs/<margin>/seed<k>."""
+              baseline: str | None = None, ijb: str | Path | None = None,
+              ijb_target: str = DEFAULT_TARGET) -> ComparisonPlan:
+    """Validate everything a comparison needs and lay out its runs under ``out``/runs/<margin>/seed<k>; with
+    ``ijb`` (an IJB tree, `marginface eval --ijb`'s layout) the runs are scored on its ``ijb_target`` too."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"--seeds {seeds!r} is invalid: expected a number of seeds >= 1 (runs use train.seed, "
                           "train.seed+1, ...)")
     for spec in margins:
         check_margin(spec, base)
     chosen = resolve_baseline(margins, baseline)
+    ijb_spec = check_ijb(ijb, ijb_target) if ijb is not None else None  # a bad tree must not wait for training
     out = Path(out)
     seed_values = tuple(base.train.seed + k for k in range(seeds))
     runs = tuple(RunPlan(spec, seed, run_config(base, spec, seed), out / "runs" / spec.directory / f"seed{seed}")
                  for seed in seed_values for spec in margins)
-    return ComparisonPlan(out, base, tuple(margins), seed_values, chosen, runs)
+    return ComparisonPlan(out, base, tuple(margins), seed_values, chosen, runs, ijb_spec)
 
 
 def resolve_baseline(margins: list[MarginSpec], baseline: str | None) -> MarginSpec:

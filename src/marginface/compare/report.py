@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from marginface.compare.ijb import load_ijb_scores
 from marginface.compare.plan import ComparisonPlan
 from marginface.compare.running import RunOutcome
 from marginface.compare.scores import PairScores, load_pair_scores
@@ -17,6 +18,7 @@ from marginface.fileio import atomic_write_text
 SUMMARY_FILE = "compare.json"
 REPORT_FILE = "report.md"
 FORMAT = "marginface-compare"
+NOT_EVALUATED = "not evaluated: compare scores the configured pair sets only (give --ijb ROOT to score IJB too)"
 
 
 def collect_scores(plan: ComparisonPlan, outcomes: list[RunOutcome]) -> dict[str, dict[str, dict[int, PairScores]]]:
@@ -31,8 +33,9 @@ def collect_scores(plan: ComparisonPlan, outcomes: list[RunOutcome]) -> dict[str
 
 
 def pair_set_statistics(plan: ComparisonPlan, name: str, runs: dict[str, dict[int, PairScores]],
-                        replicates: int, bootstrap_seed: int) -> dict[str, Any]:
-    """The bootstrap of one pair set, laid out per margin label (the pair labels must agree between runs)."""
+                        replicates: int, bootstrap_seed: int, accuracy: bool = True) -> dict[str, Any]:
+    """The bootstrap of one pair set, laid out per margin label (the pair labels must agree between runs);
+    ``accuracy=False`` for IJB's template pairs (TAR@FAR only)."""
     every = [entry for per_seed in runs.values() for entry in per_seed.values()]
     issame = every[0].issame
     for entry in every[1:]:
@@ -43,7 +46,7 @@ def pair_set_statistics(plan: ComparisonPlan, name: str, runs: dict[str, dict[in
     matrix = [[runs.get(label, {}).get(seed).scores if seed in runs.get(label, {}) else None for seed in plan.seeds]
               for label in labels]
     stats = bootstrap_pair_set(matrix, issame, baseline=labels.index(plan.baseline.label), replicates=replicates,
-                               seed=bootstrap_seed)
+                               seed=bootstrap_seed, accuracy=accuracy)
     margins = {}
     for m, label in enumerate(labels):
         per_seed = {str(seed): {metric: plain(stats["per_seed"][m, s, k]) for k, metric in enumerate(stats["metrics"])}
@@ -54,6 +57,24 @@ def pair_set_statistics(plan: ComparisonPlan, name: str, runs: dict[str, dict[in
                           "per_seed": per_seed, "seed_std": seed_std(per_seed)}
     return {"pairs": int(issame.size), "impostors": int((~issame).sum()), "levels": stats["levels"],
             "metrics": stats["metrics"], "margins": margins}
+
+
+def ijb_statistics(plan: ComparisonPlan, outcomes: list[RunOutcome], replicates: int,
+                   bootstrap_seed: int) -> dict[str, Any] | str:
+    """compare.json's `ijb`: the target, its tree and, per margin, TAR@FAR with intervals and paired differences
+    from the runs' template-pair scores (the pair-set bootstrap, template pairs in place of pairs); without
+    --ijb the line saying it was not evaluated."""
+    spec = plan.ijb
+    if spec is None:
+        return NOT_EVALUATED
+    runs: dict[str, dict[int, PairScores]] = {}
+    for outcome in outcomes:
+        if outcome.status == "finished":
+            runs.setdefault(outcome.run.spec.label, {})[outcome.run.seed] = load_ijb_scores(outcome.run.directory)
+    entry: dict[str, Any] = {"title": spec.title, **spec.to_dict(), "far_rule": "floor"}
+    if not runs:
+        return {**entry, "levels": [], "metrics": [], "margins": {}}
+    return {**entry, **pair_set_statistics(plan, spec.title, runs, replicates, bootstrap_seed, accuracy=False)}
 
 
 def plain(value: float) -> float | None:
@@ -87,7 +108,7 @@ def summarise(plan: ComparisonPlan, outcomes: list[RunOutcome], replicates: int,
         "runs": [o.to_dict() for o in outcomes],
         "pair_sets": {name: pair_set_statistics(plan, name, collected[name], replicates, bootstrap_seed)
                       for name in sorted(collected)},
-        "ijb": "not evaluated: compare scores the configured pair sets only",
+        "ijb": ijb_statistics(plan, outcomes, replicates, bootstrap_seed),
     }
 
 
@@ -101,11 +122,12 @@ def cell(entry: dict, scale: float = 100.0, signed: bool = False) -> str:
     return f"{scale * entry['value']:{sign}.2f} [{low}, {high}]"
 
 
-def pair_set_lines(name: str, table: dict, baseline: str) -> list[str]:
+def pair_set_lines(name: str, table: dict, baseline: str, what: str = "pairs") -> list[str]:
+    """The section of one pair set (or of IJB: ``what="template pairs"``): estimates, then paired differences."""
     metrics = table["metrics"]
-    heads = ["accuracy (%)", *(f"TAR@FAR={far:g} (%)" for far in table["levels"])]
-    lines = [f"## {name}", "", f"{table['pairs']} pairs ({table['impostors']} impostor); mean over the finished "
-             "seeds with 95 % bootstrap intervals.", "",
+    heads = [*(["accuracy (%)"] if "accuracy" in metrics else []), *(f"TAR@FAR={far:g} (%)" for far in table["levels"])]
+    lines = [f"## {name}", "", f"{table['pairs']} {what} ({table['impostors']} impostor); mean over the finished "
+             f"seeds with 95 % bootstrap intervals (seeds, then {what}).", "",
              "| margin | runs | " + " | ".join(heads) + " |", "|---|---:|" + "---:|" * len(heads)]
     for label, entry in table["margins"].items():
         lines.append(f"| {label} | {entry['finished_runs']} | "
@@ -116,10 +138,23 @@ def pair_set_lines(name: str, table: dict, baseline: str) -> list[str]:
     for label, entry in table["margins"].items():
         if label == baseline:
             continue
-        seeds = entry["differences"]["accuracy"]["runs"]
+        seeds = entry["differences"][metrics[0]]["runs"]
         lines.append(f"| {label} | {seeds} | "
                      + " | ".join(cell(entry["differences"][k], signed=True) for k in metrics) + " |")
     return lines + [""]
+
+
+def ijb_line(ijb: dict | str) -> str:
+    """The IJB item of the report's header: not evaluated, or what was scored and how."""
+    if isinstance(ijb, str):
+        return ijb
+    line = (f"{ijb['title']} from `{ijb['root']}` ({ijb['pairs']} template pairs, {ijb['impostors']} "
+            f"impostor; mode {ijb['mode']}, TAR by the floor rule)")
+    if not ijb["margins"]:
+        return line + ": no finished run"
+    if not ijb["metrics"]:
+        return line + ": too few impostor pairs for any FAR level (far · impostors >= 10)"
+    return line + f": section {ijb['title']} below"
 
 
 def write_report(summary: dict, out: Path, plots: list[tuple[str, Path]]) -> Path:
@@ -131,7 +166,7 @@ def write_report(summary: dict, out: Path, plots: list[tuple[str, Path]]) -> Pat
              f"finished, {counts['failed']} failed (statistics use the finished runs)",
              f"- intervals: {100 * summary['bootstrap']['confidence']:.0f} % percentile bootstrap over seeds, then "
              f"pairs, {summary['bootstrap']['replicates']} replicates, bootstrap seed {summary['bootstrap']['seed']} "
-             "(docs/compare.md)", f"- IJB: {summary['ijb']}", ""]
+             "(docs/compare.md)", f"- IJB: {ijb_line(summary['ijb'])}", ""]
     failed = [run for run in summary["runs"] if run["status"] != "finished"]
     if failed:
         lines += ["## failed runs", ""] + [f"- `{r['margin']}` seed {r['seed']} ({r['directory']}): {r['error']}"
@@ -140,6 +175,9 @@ def write_report(summary: dict, out: Path, plots: list[tuple[str, Path]]) -> Pat
         lines += pair_set_lines(name, table, summary["baseline"])
     if not summary["pair_sets"]:
         lines += ["No run finished: there is nothing to compare yet.", ""]
+    ijb = summary["ijb"]
+    if isinstance(ijb, dict) and ijb["margins"] and ijb["metrics"]:
+        lines += pair_set_lines(ijb["title"], ijb, summary["baseline"], what="template pairs")
     for title, path in plots:
         lines += [f"## {title}", "", f"![{title}]({path.relative_to(out).as_posix()})", ""]
     report = out / REPORT_FILE

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from marginface.compare.ijb import IJBSpec, compute_ijb_scores, ijb_scores_are_current
 from marginface.compare.plan import ComparisonPlan, RunPlan, comparable_config
 from marginface.compare.scores import accuracy_mismatches, compute_pair_scores, load_pair_scores, scores_are_current
 from marginface.errors import ConfigError
@@ -40,12 +41,13 @@ class RunOutcome:
     error: str | None = None
     seconds: float = 0.0
     scores_match_metrics: bool | None = None
+    ijb_scores: str | None = None  # computed | reused; None without --ijb (or when the run failed before)
 
     def to_dict(self) -> dict[str, Any]:
         return {"margin": self.run.spec.label, "seed": self.run.seed, "status": self.status, "action": self.action,
                 "error": self.error, "seconds": round(self.seconds, 3),
                 "directory": self.run.directory.relative_to(self.run.directory.parents[2]).as_posix(),
-                "scores_match_metrics": self.scores_match_metrics}
+                "scores_match_metrics": self.scores_match_metrics, "ijb_scores": self.ijb_scores}
 
 
 def saved_config(run_dir: Path) -> dict[str, Any] | None:
@@ -99,7 +101,7 @@ def execute(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
     pending = []
     for number, run in enumerate(plan.runs, 1):
         if states[run] == "finished":
-            outcomes[run] = finish_scores(RunOutcome(run, "finished", "reused"))
+            outcomes[run] = finish_scores(RunOutcome(run, "finished", "reused"), plan.ijb, echo)
             echo(f"[{number}/{total}] {run.name}: finished before, reused ({run.directory})")
         else:
             pending.append((number, run))
@@ -107,7 +109,8 @@ def execute(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
         for number, run in pending:
             echo(f"[{number}/{total}] {run.name}: {'resuming' if states[run] == 'resume' else 'training'} "
                  f"into {run.directory}")
-            outcomes[run] = report(train_in_process(run, states[run] == "resume", progress), number, total, echo)
+            outcome = train_in_process(run, states[run] == "resume", progress)
+            outcomes[run] = report(outcome, number, total, echo, plan.ijb)
     else:
         threads = threads_per_process(parallel, plan.base.train.threads, echo)
         echo(f"{len(pending)} runs, {parallel} at a time, train.threads={threads} each")
@@ -115,7 +118,8 @@ def execute(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
         def one(item: tuple[int, RunPlan]) -> RunOutcome:
             number, run = item
             outcome = train_in_subprocess(run, states[run] == "resume", threads)
-            return report(outcome, number, total, echo)
+            # the scores (pair sets, IJB) are computed here, in this process, once the subprocess has ended
+            return report(outcome, number, total, echo, plan.ijb)
 
         # threads only wait on the subprocesses; the training happens in those
         with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -124,9 +128,9 @@ def execute(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
     return [outcomes[run] for run in plan.runs]
 
 
-def report(outcome: RunOutcome, number: int, total: int, echo: Echo) -> RunOutcome:
+def report(outcome: RunOutcome, number: int, total: int, echo: Echo, ijb: IJBSpec | None = None) -> RunOutcome:
     if outcome.status == "finished":
-        outcome = finish_scores(outcome)
+        outcome = finish_scores(outcome, ijb, echo)
     if outcome.status == "finished":
         echo(f"[{number}/{total}] {outcome.run.name}: finished in {outcome.seconds:.1f} s")
     else:
@@ -167,8 +171,9 @@ def train_in_subprocess(run: RunPlan, resume: bool, threads: int | None) -> RunO
     return RunOutcome(run, "failed", action, last_error_line(log, code), time.perf_counter() - start)
 
 
-def finish_scores(outcome: RunOutcome) -> RunOutcome:
-    """Make sure a finished run has its per-pair scores; a run whose scores cannot be computed has failed."""
+def finish_scores(outcome: RunOutcome, ijb: IJBSpec | None = None, echo: Echo | None = None) -> RunOutcome:
+    """Make sure a finished run has its per-pair scores, and with ``ijb`` its IJB template-pair scores (reused
+    when newer than its model and of the same pair list); a run whose scores cannot be computed has failed."""
     run = outcome.run
     try:
         if scores_are_current(run.directory):
@@ -178,6 +183,19 @@ def finish_scores(outcome: RunOutcome) -> RunOutcome:
         outcome.scores_match_metrics = not accuracy_mismatches(run.directory, scores)
     except Exception as exc:  # the run is unusable for the statistics, the comparison goes on
         outcome.status, outcome.error = "failed", f"scoring its pair sets: {error_line(exc)}"
+        return outcome
+    if ijb is None:
+        return outcome
+    try:
+        if ijb_scores_are_current(run.directory, ijb):
+            outcome.ijb_scores = "reused"
+        else:
+            if echo is not None:  # embedding every IJB image takes a while: say what is under way
+                echo(f"{run.name}: scoring {ijb.title} ({ijb.images} images, {ijb.pairs} template pairs)")
+            compute_ijb_scores(run.directory, run.config, ijb)
+            outcome.ijb_scores = "computed"
+    except Exception as exc:  # as above: without its IJB scores the run cannot enter the paired statistics
+        outcome.status, outcome.error = "failed", f"scoring {ijb.title}: {error_line(exc)}"
     return outcome
 
 

@@ -28,7 +28,7 @@ class PairScores:
     """One run's scores on one pair set, and the pair labels they go with."""
 
     name: str
-    scores: np.ndarray  # cosine similarity per pair, float64
+    scores: np.ndarray  # cosine similarity per pair: float64 (IJB template pairs: float32, as evaluate_ijb scores)
     issame: np.ndarray  # bool per pair
 
 
@@ -38,18 +38,23 @@ def scores_are_current(run_dir: Path) -> bool:
     return scores.exists() and model.exists() and os.path.getmtime(scores) >= os.path.getmtime(model)
 
 
-def compute_pair_scores(run_dir: str | os.PathLike, config: Config) -> dict[str, PairScores]:
-    """Embed the run's pair sets with its saved model and write `pair_scores.npz`; returns the scores."""
+def scoring_device(config: Config) -> str:
+    """Where a run's saved model is scored again: the device its config trained on (`auto`: CUDA when present)."""
     import torch
 
+    use_cuda = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
+    return "cuda" if use_cuda else "cpu"
+
+
+def compute_pair_scores(run_dir: str | os.PathLike, config: Config) -> dict[str, PairScores]:
+    """Embed the run's pair sets with its saved model and write `pair_scores.npz`; returns the scores."""
     from marginface.eval import evaluate_pairs, load_pairs
     from marginface.eval.loading import load_model
     from marginface.train.distributed import World
     from marginface.train.trainer import resolve_data
 
     run_dir = Path(run_dir)
-    use_cuda = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
-    model = load_model(run_dir, device="cuda" if use_cuda else "cpu")
+    model = load_model(run_dir, device=scoring_device(config))
     _, pair_paths = resolve_data(config, World(), progress=False)  # the pair files the trainer scored
     result = {}
     for path in pair_paths:

@@ -13,6 +13,9 @@ floor rule). A replicate's value is the mean over its positions; a paired differ
 positions where both margins finished of (margin − baseline) on the same resampled pairs. The interval is the
 2.5th and 97.5th percentile of the replicate values (NumPy's default linear interpolation). The estimate is
 the mean over finished seeds of the metric on all pairs (what metrics.json reports).
+
+IJB template pairs go through the same bootstrap, draws and sort included, with ``accuracy=False``: TAR@FAR
+only (10-fold accuracy is no IJB metric).
 """
 
 from __future__ import annotations
@@ -31,24 +34,26 @@ DEFAULT_BOOTSTRAP_SEED = 0
 CONFIDENCE = 0.95
 
 
-def metric_names(levels: Sequence[float]) -> list[str]:
-    """`accuracy`, then `tar@far=1e-03`-style names for the TAR levels."""
-    return ["accuracy", *(tar_name(far) for far in levels)]
+def metric_names(levels: Sequence[float], accuracy: bool = True) -> list[str]:
+    """`accuracy` (unless ``accuracy`` is False), then `tar@far=1e-03`-style names for the TAR levels."""
+    return [*(["accuracy"] if accuracy else []), *(tar_name(far) for far in levels)]
 
 
 def tar_name(far: float) -> str:
     return f"tar@far={far:.0e}"
 
 
-def metrics_of(scores: np.ndarray, issame: np.ndarray, levels: Sequence[float]) -> np.ndarray:
+def metrics_of(scores: np.ndarray, issame: np.ndarray, levels: Sequence[float], accuracy: bool = True) -> np.ndarray:
     """[accuracy, TAR at each level] of one set of scores: the scorers of metrics.json (eval/verification.py);
-    TAR is NaN where a resample holds no genuine or no impostor pair."""
-    accuracy = kfold_accuracy(scores, issame, folds=min(10, issame.size))["accuracy"]
+    TAR is NaN where a resample holds no genuine or no impostor pair. ``accuracy=False``: the TARs only."""
+    values = [kfold_accuracy(np.asarray(scores, dtype=np.float64), issame, folds=min(10, issame.size))["accuracy"]
+              ] if accuracy else []
     tars = [np.nan] * len(levels)
     if levels and issame.any() and not issame.all():
+        # float32 IJB scores as they are: TAR only compares scores, which float64 would not change
         table = tar_at_far(scores, issame, list(levels))
         tars = [table[far] for far in levels]
-    return np.array([accuracy, *tars], dtype=np.float64)
+    return np.array([*values, *tars], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -83,30 +88,36 @@ def bootstrap_pair_set(
     baseline: int = 0,
     replicates: int = DEFAULT_REPLICATES,
     seed: int = DEFAULT_BOOTSTRAP_SEED,
+    accuracy: bool = True,
 ) -> dict:
     """Statistics of one pair set. ``scores[m][s]``: margin m's per-pair scores for seed s, or None where that
     run did not finish. Returns ``levels``, ``metrics`` (names), and per margin ``estimates`` and
-    ``differences`` ({metric: Estimate}; differences against margin ``baseline``), and ``per_seed`` values."""
+    ``differences`` ({metric: Estimate}; differences against margin ``baseline``), and ``per_seed`` values.
+    ``accuracy=False`` (IJB template pairs): TAR@FAR only, by the same draws."""
     issame = np.asarray(issame, dtype=bool)
     margins, seeds, pairs = len(scores), len(scores[0]) if scores else 0, issame.size
     levels = supported_fars(int((~issame).sum()))
-    names = metric_names(levels)
+    names = metric_names(levels, accuracy)
     finished = np.array([[scores[m][s] is not None for s in range(seeds)] for m in range(margins)], dtype=bool)
+    runs = [[None if run is None else np.asarray(run) for run in row] for row in scores]
     full = np.full((margins, seeds, len(names)), np.nan)
     for m in range(margins):
         for s in range(seeds):
             if finished[m, s]:
-                full[m, s] = metrics_of(np.asarray(scores[m][s], dtype=np.float64), issame, levels)
+                full[m, s] = metrics_of(runs[m][s], issame, levels, accuracy)
 
     rng = np.random.default_rng(seed)
     drawn = np.full((replicates, seeds, margins, len(names)), np.nan)
     for b in range(replicates):
         positions = rng.integers(0, seeds, size=seeds)
+        # sorted: every resampled pair stays in its fold of the 10-fold protocol (TAR ignores the order, and
+        # gathers by a sorted index run ~3x faster, which on IJB-C's 15.7M pairs more than pays for the sort)
         resamples = np.sort(rng.integers(0, pairs, size=(seeds, pairs)), axis=1)
         for j, s in enumerate(positions):
             index = resamples[j]
+            labels = issame[index]  # shared by every margin of this position
             for m in np.flatnonzero(finished[:, s]):
-                drawn[b, j, m] = metrics_of(np.asarray(scores[m][s], dtype=np.float64)[index], issame[index], levels)
+                drawn[b, j, m] = metrics_of(runs[m][s][index], labels, levels, accuracy)
 
     estimates, differences = [], []
     with warnings.catch_warnings():

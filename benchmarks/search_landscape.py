@@ -124,9 +124,10 @@ def run_one_search(args, base, method: str, seed: int, start_margin: float, step
 
 
 def statistics(names: list[str], scores: dict[str, dict[int, dict]], seeds: tuple[int, ...], baseline: str,
-               replicates: int) -> dict[str, dict]:
-    """Per pair set: the bootstrap of every grid margin and search against ``baseline`` (the grid's best)."""
-    pair_sets = sorted(next(iter(next(iter(scores.values())).values())))
+               replicates: int, only: str | None = None) -> dict[str, dict]:
+    """Per pair set (or only the set ``only``): the bootstrap of every grid margin and search against
+    ``baseline`` (the grid's best)."""
+    pair_sets = [only] if only else sorted(next(iter(next(iter(scores.values())).values())))
     result = {}
     for pair_set in pair_sets:
         first = next(iter(next(iter(scores.values())).values()))[pair_set]
@@ -244,7 +245,7 @@ def main() -> None:
     names = [grid_name(m) for m in args.margins]
     scores = {grid_name(m): grid_scores[m] for m in args.margins}
     seeds = tuple(sorted(next(iter(grid_scores.values()))))
-    grid_stats = statistics(names, scores, seeds, names[0], args.bootstrap)[HEADLINE]
+    grid_stats = statistics(names, scores, seeds, names[0], args.bootstrap, only=HEADLINE)[HEADLINE]
     ranked = sorted(args.margins, key=lambda m: grid_stats[grid_name(m)]["estimate"]["value"])
     worst, best = ranked[0], grid_name(ranked[-1])
     start_margin = worst if args.start_margin is None else args.start_margin

@@ -1,35 +1,27 @@
 """Per-pair cosine scores of a finished run, kept as `pair_scores.npz` beside its model for the pair bootstrap.
 
-The trainer's metrics.json holds the tables, not the scores behind them. The scores are recomputed once from
-the run's `model.safetensors` with the one pair scorer (`marginface.eval.evaluate_pairs`, the trainer's final
-evaluation), so the full-set accuracy recomputed from them equals metrics.json's: that is checked and recorded.
+The trainer writes them from its final evaluation (`marginface.eval.pair_scores`); a run without them (an
+older run, or one whose last step was not evaluated) has them recomputed once from its `model.safetensors` with
+the same pair scorer (`marginface.eval.evaluate_pairs`). Either way the full-set accuracy recomputed from them
+equals metrics.json's: that is checked and recorded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from marginface.fileio import atomic_output
+from marginface.eval.pair_scores import SCORES_FILE, PairScores, load_pair_scores, save_pair_scores
 from marginface.train.config import Config
 
-SCORES_FILE = "pair_scores.npz"
+__all__ = ["SCORES_FILE", "PairScores", "compute_pair_scores", "load_pair_scores", "save_pair_scores",
+           "scores_are_current", "accuracy_mismatches"]
 # metrics.json and the recomputation embed with the same model, batch and flip fusion; they agree to
 # rounding at worst (a GPU's kernels may differ between a training process and this one)
 ACCURACY_TOLERANCE = 1e-9
-
-
-@dataclass(frozen=True)
-class PairScores:
-    """One run's scores on one pair set, and the pair labels they go with."""
-
-    name: str
-    scores: np.ndarray  # cosine similarity per pair: float64 (IJB template pairs: float32, as evaluate_ijb scores)
-    issame: np.ndarray  # bool per pair
 
 
 def scores_are_current(run_dir: Path) -> bool:
@@ -64,22 +56,6 @@ def compute_pair_scores(run_dir: str | os.PathLike, config: Config) -> dict[str,
                                            np.asarray(pair_set.issame, dtype=bool))
     save_pair_scores(run_dir / SCORES_FILE, result)
     return result
-
-
-def save_pair_scores(path: Path, scores: dict[str, PairScores]) -> None:
-    arrays = {"names": np.array(sorted(scores))}
-    for name, entry in scores.items():
-        arrays[f"{name}.scores"], arrays[f"{name}.issame"] = entry.scores, entry.issame
-    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
-        np.savez_compressed(stream, **arrays)  # a file object: np.savez would append .npz to a path
-
-
-def load_pair_scores(run_dir: str | os.PathLike) -> dict[str, PairScores]:
-    """The scores `compute_pair_scores` wrote for the run in ``run_dir``."""
-    path = Path(run_dir) / SCORES_FILE
-    with np.load(path, allow_pickle=False) as data:
-        return {str(name): PairScores(str(name), data[f"{name}.scores"].astype(np.float64),
-                                      data[f"{name}.issame"].astype(bool)) for name in data["names"]}
 
 
 def accuracy_mismatches(run_dir: str | os.PathLike, scores: dict[str, PairScores]) -> list[str]:

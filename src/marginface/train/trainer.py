@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -168,6 +169,7 @@ class Trainer:
         self.state = RunState()
         self.log = RunLog(self.run_dir, enabled=self.write_outputs)
         self.verification: dict[str, dict] = {}
+        self.pair_scores: tuple[int, dict] = (-1, {})  # (step, per-pair scores) of the last evaluation
         self._batches = None  # the iterator of the epoch in progress
         self.bad_records = BadRecordLedger(config.data.bad_records, config.data.max_bad_fraction, len(self.sampler),
                                            str(self.dataset.path), seen=self.state.bad_records)
@@ -475,16 +477,21 @@ class Trainer:
     def evaluate(self, log: bool = False) -> dict[str, dict]:
         """10-fold verification of the backbone on every pair set (main process; the others wait)."""
         from marginface.eval import evaluate_pairs
+        from marginface.eval.pair_scores import PairScores
 
-        results = {}
+        results, scores = {}, {}
         if self.world.is_main and self.pair_sets:
             self.module.eval()
             for pair_set in self.pair_sets:
-                results[pair_set.name] = evaluate_pairs(self.module.backbone, pair_set)
+                results[pair_set.name], pair_scores = evaluate_pairs(self.module.backbone, pair_set,
+                                                                     return_scores=True)
+                scores[pair_set.name] = PairScores(pair_set.name, np.asarray(pair_scores, dtype=np.float64),
+                                                   np.asarray(pair_set.issame, dtype=bool))
             self.module.train()
         self.world.barrier()
         if results:
-            self.verification = results
+            # the per-pair scores go with the tables: finish() saves them when they are of the final model
+            self.verification, self.pair_scores = results, (self.state.step, scores)
         if log and results:
             record = {"step": self.state.step}
             for name, result in results.items():
@@ -519,10 +526,23 @@ class Trainer:
         self.export_head()
         if self.write_outputs:
             export_model(self.module.backbone, self.run_dir / "model.safetensors")
+            self._save_pair_scores()
             write_json(self.run_dir / "metrics.json", metrics)
             write_report(self.run_dir, metrics, self.config.to_dict())
         self.world.barrier()
         return metrics
+
+    def _save_pair_scores(self) -> None:
+        """pair_scores.npz (after the model, so that it is newer) when the last evaluation scored the final model:
+        `marginface compare` reads it instead of embedding every pair set again."""
+        from marginface.eval.pair_scores import SCORES_FILE, save_pair_scores
+
+        path = self.run_dir / SCORES_FILE
+        step, scores = self.pair_scores
+        if scores and step == self.state.step:
+            save_pair_scores(path, scores)
+        elif path.exists():
+            path.unlink()  # a resumed run's old scores are not of this model
 
     def _bad_records_summary(self) -> dict[str, Any]:
         """The damaged records every rank left out, once each, in rank order."""

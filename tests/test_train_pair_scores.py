@@ -11,7 +11,7 @@ from marginface.compare.plan import make_plan
 from marginface.compare.spec import parse_margins
 from marginface.eval import evaluate_pairs, load_pairs
 from marginface.eval.loading import load_model
-from marginface.eval.pair_scores import SCORES_FILE, load_pair_scores
+from marginface.eval.score_files import SCORES_FILE, load_pair_scores
 from marginface.train import load_config, train
 from marginface.train.distributed import World
 from marginface.train.trainer import resolve_data

@@ -1,6 +1,6 @@
 """Per-pair cosine scores of a finished run, kept as `pair_scores.npz` beside its model for the pair bootstrap.
 
-The trainer writes them from its final evaluation (`marginface.eval.pair_scores`); a run without them (an
+The trainer writes them from its final evaluation (`marginface.eval.score_files`); a run without them (an
 older run, or one whose last step was not evaluated) has them recomputed once from its `model.safetensors` with
 the same pair scorer (`marginface.eval.evaluate_pairs`). Either way the full-set accuracy recomputed from them
 equals metrics.json's: that is checked and recorded.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marginface.eval.pair_scores import SCORES_FILE, PairScores, load_pair_scores, save_pair_scores
+from marginface.eval.score_files import SCORES_FILE, PairScores, load_pair_scores, save_pair_scores
 from marginface.train.config import Config
 
 __all__ = ["SCORES_FILE", "PairScores", "compute_pair_scores", "load_pair_scores", "save_pair_scores",

@@ -477,7 +477,7 @@ class Trainer:
     def evaluate(self, log: bool = False) -> dict[str, dict]:
         """10-fold verification of the backbone on every pair set (main process; the others wait)."""
         from marginface.eval import evaluate_pairs
-        from marginface.eval.pair_scores import PairScores
+        from marginface.eval.score_files import PairScores
 
         results, scores = {}, {}
         if self.world.is_main and self.pair_sets:
@@ -535,7 +535,7 @@ class Trainer:
     def _save_pair_scores(self) -> None:
         """pair_scores.npz (after the model, so that it is newer) when the last evaluation scored the final model:
         `marginface compare` reads it instead of embedding every pair set again."""
-        from marginface.eval.pair_scores import SCORES_FILE, save_pair_scores
+        from marginface.eval.score_files import SCORES_FILE, save_pair_scores
 
         path = self.run_dir / SCORES_FILE
         step, scores = self.pair_scores

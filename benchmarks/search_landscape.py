@@ -102,7 +102,7 @@ def whole_epochs(base) -> int:
 
 def run_one_search(args, base, method: str, seed: int, start_margin: float, steps: int) -> tuple[dict, dict]:
     """Run (or resume, or reuse) one search; (search.json's content, its final model's pair scores)."""
-    out = args.out / "search" / f"{method}-seed{seed}"
+    out = args.out / "search" / f"{method}{'-' + args.tag if args.tag else ''}-seed{seed}"
     config = run_config(base, MarginSpec("cosface", {}), seed)  # the search replaces the margin; s stays
     summary_path = out / "search.json"
     done = summary_path.exists() and json.loads(summary_path.read_text()).get("model")
@@ -117,7 +117,8 @@ def run_one_search(args, base, method: str, seed: int, start_margin: float, step
                                   steps_per_epoch=steps, warmup_epochs=0, seed=seed,
                                   reward_pairs=[str(held_out.pairs[name]) for name in sorted(held_out.pairs)],
                                   initial_margin=None if method == "am_lfs" else start_margin,
-                                  policy_lr=args.policy_lr if method == "search_softmax" else None)
+                                  policy_lr=args.policy_lr if method == "search_softmax" else None,
+                                  sigma=args.sigma)
         summary = run_search(settings, config, out, progress=False)
     scores = load_pair_scores(out) if scores_are_current(out) else compute_pair_scores(out, config)
     return summary, scores
@@ -168,7 +169,8 @@ def write_figure(path: Path, grid: list[float], stats: dict, searches: dict, reg
     highs = [100 * stats[grid_name(m)]["estimate"]["high"] for m in grid]
     top.fill_between(grid, lows, highs, color="0.85", label="fixed margin, 95 % interval")
     top.plot(grid, values, "o-", color="0.3", label="fixed margin (grid), mean over seeds")
-    colours = {"search_softmax": "tab:blue", "random_softmax": "tab:orange", "am_lfs": "tab:green"}
+    palette = {"search_softmax": "tab:blue", "random_softmax": "tab:orange", "am_lfs": "tab:green"}
+    colours = {label: palette.get(label.split("-")[0], "tab:purple") for label in searches}
     for method, runs in searches.items():
         estimate = stats[method]["estimate"]
         found = float(np.mean([run["trajectory"]["found"] for run in runs]))
@@ -232,6 +234,9 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--start-margin", type=float, help="the searches' initial margin (default: the grid's worst)")
     parser.add_argument("--policy-lr", type=float, help="Search-Softmax's Adam learning rate (default 0.1)")
+    parser.add_argument("--sigma", type=float, help="the searches' sampling spread (default: each method's)")
+    parser.add_argument("--tag", help="a name for searches with changed settings: their directories and outputs "
+                                      "(landscape-TAG.*) get it, the grid is shared")
     parser.add_argument("--reward-pairs", type=int, default=1000, help="pairs per held-out reward set")
     parser.add_argument("--parallel", type=int, default=1, help="grid runs in parallel processes")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
@@ -256,19 +261,20 @@ def main() -> None:
 
     s = float(base.head.params.get("s", 30.0))
     searches: dict[str, list[dict]] = {}
-    for method in args.methods:
+    labels = {method: f"{method}-{args.tag}" if args.tag else method for method in args.methods}
+    for method, label in labels.items():
         began = time.perf_counter()
-        scores[method] = {}
-        searches[method] = []
+        scores[label] = {}
+        searches[label] = []
         for seed in seeds:
             summary, pair_scores = run_one_search(args, base, method, seed, start_margin, steps)
-            scores[method][seed] = pair_scores
-            searches[method].append({"seed": seed, "trajectory": trajectory(summary, s),
-                                     "final_reward": summary["final_reward"]})
-            path_m = ", ".join(f"{m:.3f}" for m in searches[method][-1]["trajectory"]["best"])
-            print(f"{method} seed {seed}: margin per epoch {path_m}", flush=True)
-        minutes[method] = (time.perf_counter() - began) / 60
-    names += list(args.methods)
+            scores[label][seed] = pair_scores
+            searches[label].append({"seed": seed, "trajectory": trajectory(summary, s),
+                                    "final_reward": summary["final_reward"]})
+            path_m = ", ".join(f"{m:.3f}" for m in searches[label][-1]["trajectory"]["best"])
+            print(f"{label} seed {seed}: margin per epoch {path_m}", flush=True)
+        minutes[label] = (time.perf_counter() - began) / 60
+    names += list(labels.values())
     stats = statistics(names, scores, seeds, best, args.bootstrap)
     region = best_region(args.margins, stats[HEADLINE], best)
     result = {"config": args.config, "seeds": len(seeds), "candidates": args.candidates, "margins": args.margins,
@@ -276,10 +282,12 @@ def main() -> None:
               "steps_per_epoch": steps, "epochs": whole_epochs(base), "statistics": stats,
               "found": {method: [run["trajectory"]["found"] for run in runs] for method, runs in searches.items()},
               "searches": searches, "minutes": minutes, "total_minutes": (time.perf_counter() - start) / 60}
-    (args.out / "landscape.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_figure(args.out / "landscape.png", args.margins, stats[HEADLINE], searches, region)
-    write_report(args.out / "landscape.md", result)
-    print((args.out / "landscape.md").read_text())
+    stem = f"landscape-{args.tag}" if args.tag else "landscape"
+    result["settings"] = {"policy_lr": args.policy_lr, "sigma": args.sigma, "tag": args.tag}
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_figure(args.out / f"{stem}.png", args.margins, stats[HEADLINE], searches, region)
+    write_report(args.out / f"{stem}.md", result)
+    print((args.out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

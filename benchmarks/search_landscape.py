@@ -105,33 +105,36 @@ def run_one_search(args, base, method: str, seed: int, start_margin: float, step
     out = args.out / "search" / f"{method}{'-' + args.tag if args.tag else ''}-seed{seed}"
     config = run_config(base, MarginSpec("cosface", {}), seed)  # the search replaces the margin; s stays
     summary_path = out / "search.json"
-    done = summary_path.exists() and json.loads(summary_path.read_text()).get("model")
-    if done:
-        summary = json.loads(summary_path.read_text())
-    elif (out / "search_state.pt").exists():
-        summary = resume_search(out, progress=False)
-    else:
-        held_out = mf.data.synthetic(identities=4, images_per_id=2, pairs_per_set=args.reward_pairs, ijb=False,
-                                     seed=1000 + seed, difficulty=base.data.synthetic.difficulty)
-        settings = SearchSettings(method=method, candidates=args.candidates, epochs=whole_epochs(base),
-                                  steps_per_epoch=steps, warmup_epochs=0, seed=seed,
-                                  reward_pairs=[str(held_out.pairs[name]) for name in sorted(held_out.pairs)],
-                                  initial_margin=None if method == "am_lfs" else start_margin,
-                                  policy_lr=args.policy_lr if method == "search_softmax" else None,
-                                  sigma=args.sigma)
-        summary = run_search(settings, config, out, progress=False)
-    scores = load_pair_scores(out) if scores_are_current(out) else compute_pair_scores(out, config)
-    return summary, scores
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("model"):  # finished: its model is exported
+        return summary, final_scores(out, config)
+    if (out / "search_state.pt").exists():
+        return resume_search(out, progress=False), final_scores(out, config)
+    held_out = mf.data.synthetic(identities=4, images_per_id=2, pairs_per_set=args.reward_pairs, ijb=False,
+                                 seed=1000 + seed, difficulty=base.data.synthetic.difficulty)
+    settings = SearchSettings(method=method, candidates=args.candidates, epochs=whole_epochs(base),
+                              steps_per_epoch=steps, warmup_epochs=0, seed=seed,
+                              reward_pairs=[str(held_out.pairs[name]) for name in sorted(held_out.pairs)],
+                              initial_margin=None if method == "am_lfs" else start_margin,
+                              policy_lr=args.policy_lr if method == "search_softmax" else None,
+                              sigma=args.sigma)
+    return run_search(settings, config, out, progress=False), final_scores(out, config)
+
+
+def final_scores(out: Path, config) -> dict:
+    """The search's final model scored on the benchmark's pair sets (computed once, then read)."""
+    return load_pair_scores(out) if scores_are_current(out) else compute_pair_scores(out, config)
 
 
 def statistics(names: list[str], scores: dict[str, dict[int, dict]], seeds: tuple[int, ...], baseline: str,
                replicates: int, only: str | None = None) -> dict[str, dict]:
     """Per pair set (or only the set ``only``): the bootstrap of every grid margin and search against
     ``baseline`` (the grid's best)."""
-    pair_sets = [only] if only else sorted(next(iter(next(iter(scores.values())).values())))
+    first_run = next(iter(next(iter(scores.values())).values()))  # every run scored the same pair sets
+    pair_sets = [only] if only else sorted(first_run)
     result = {}
     for pair_set in pair_sets:
-        first = next(iter(next(iter(scores.values())).values()))[pair_set]
+        first = first_run[pair_set]
         table = [[scores[name][seed][pair_set].scores if seed in scores[name] else None for seed in seeds]
                  for name in names]
         stats = bootstrap_pair_set(table, first.issame, baseline=names.index(baseline), replicates=replicates)

@@ -40,3 +40,11 @@ def cache(tmp_path_factory) -> dict[str, str]:
         else:
             os.environ["MARGINFACE_CACHE"] = previous
     return env
+
+
+@pytest.fixture(scope="module")
+def environment(cache):
+    """The session's private cache in this process's environment, for in-process runs (module-wide)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MARGINFACE_CACHE", cache["MARGINFACE_CACHE"])
+        yield patch

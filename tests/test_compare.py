@@ -55,13 +55,6 @@ class FirstCalls:
 
 
 @pytest.fixture(scope="module")
-def environment(cache):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MARGINFACE_CACHE", cache["MARGINFACE_CACHE"])
-        yield patch
-
-
-@pytest.fixture(scope="module")
 def tournament(environment, tmp_path_factory):
     """2 margins × 2 seeds, sequential, in this process, with the first call of every run recorded."""
     out = tmp_path_factory.mktemp("compare") / "tournament"

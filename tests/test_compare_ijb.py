@@ -22,13 +22,6 @@ FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 @pytest.fixture(scope="module")
-def environment(cache):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MARGINFACE_CACHE", cache["MARGINFACE_CACHE"])
-        yield patch
-
-
-@pytest.fixture(scope="module")
 def ijb_tree(tmp_path_factory) -> Path:
     """The built-in synthetic IJB-C-style tree (16 subjects, 48 templates, ~260 loose crops), with its pair list
     replaced by every pair of templates (1128 pairs, 1080 impostor) so that FAR 1e-2 is supported too."""

@@ -85,15 +85,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for name, table in summary["pair_sets"].items():
         print(f"{name}:")
-        for label, entry in table["margins"].items():
-            acc, diff = entry["estimates"]["accuracy"], entry["differences"]["accuracy"]
-            if acc["value"] is None:
-                print(f"  {label}: no finished run")
-                continue
-            line = f"  {label}: accuracy {format_interval(acc)} %"
-            if label != summary["baseline"] and diff["value"] is not None:
-                line += f", vs {summary['baseline']} {format_interval(diff, signed=True)} points"
-            print(line)
+        print_margins(table["margins"], "accuracy", "accuracy ", summary["baseline"])
     print_ijb(summary)
     counts = summary["counts"]
     print(f"{counts['finished']} of {counts['planned']} runs finished, {counts['failed']} failed; "
@@ -108,14 +100,19 @@ def print_ijb(summary: dict) -> None:
         return
     metric, far = ijb["metrics"][0], ijb["levels"][0]
     print(f"{ijb['title']} (TAR@FAR={far:g}):")
-    for label, entry in ijb["margins"].items():
-        tar, diff = entry["estimates"][metric], entry["differences"][metric]
-        if tar["value"] is None:
+    print_margins(ijb["margins"], metric, "", summary["baseline"])
+
+
+def print_margins(margins: dict, metric: str, prefix: str, baseline: str) -> None:
+    """One line per margin: ``metric`` with its interval, and its paired difference to ``baseline``."""
+    for label, entry in margins.items():
+        value, diff = entry["estimates"][metric], entry["differences"][metric]
+        if value["value"] is None:
             print(f"  {label}: no finished run")
             continue
-        line = f"  {label}: {format_interval(tar)} %"
-        if label != summary["baseline"] and diff["value"] is not None:
-            line += f", vs {summary['baseline']} {format_interval(diff, signed=True)} points"
+        line = f"  {label}: {prefix}{format_interval(value)} %"
+        if label != baseline and diff["value"] is not None:
+            line += f", vs {baseline} {format_interval(diff, signed=True)} points"
         print(line)
 
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from marginface.errors import ConfigError
 from marginface.margins.base import BatchReduce, Margin, RowContext, combine_row_statistics, compute_dtype
+from marginface.margins.mining import hard_indicator
 
 NORM_EPS = 1e-12
 
@@ -269,9 +270,9 @@ def count_hard(cos: Tensor, ctx: RowContext, target_index: Tensor) -> Tensor | N
     if "threshold" not in ctx:
         return None
     threshold = ctx["threshold"]
-    # a float indicator and nansum rather than (c > T).sum(): a bool reduction is ~5x slower on CPU, and a NaN
-    # cosine counts as not hard either way
-    count = (cos - threshold[:, None]).clamp_(min=0.0).sign_().nansum(1).long()
+    # the margins' float indicator and nansum rather than (c > T).sum(): a bool reduction is ~5x slower on CPU,
+    # and a NaN cosine counts as not hard either way
+    count = hard_indicator(cos, ctx).nansum(1).long()
     target_is_hard = (target_index >= 0) & (ctx["target_cos"] > threshold)
     return count - target_is_hard.long()
 

@@ -156,7 +156,7 @@ def apply(name: str, mutation: str) -> None:
                     setattr(cls, attr, _with_transformed_attributes(value, transforms))
     elif mutation == "drop_hard_negative":
         cls.negative_logits = lambda self, cos, ctx: cos.clone()
-        cls.negatives_with_slope = lambda self, cos, ctx: (cos.clone(), torch.ones_like(cos))
+        cls.negatives_with_slope = lambda self, cos, ctx, scratch=None: (cos.clone(), torch.ones_like(cos))
     elif mutation == "freeze_state":
         cls.update_state = lambda self, stats: None
 

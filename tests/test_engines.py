@@ -11,6 +11,7 @@ import marginface as mf
 from marginface import engines
 from marginface.engines.chunked import ChunkedClassPass
 from marginface.errors import ConfigError
+from marginface.margins.base import BlockScratch
 
 ALL_MARGINS = mf.margins.available()
 ROWS, CLASSES, DIM = 6, 23, 5  # 23 is prime: no chunk size above 1 divides it
@@ -243,6 +244,47 @@ def test_each_margins_closed_form_slope_equals_autograd_of_its_negatives(name):
     if "threshold" in ctx:
         hard = int((cos > ctx["threshold"][:, None]).sum())
         assert 0 < hard < cos.numel(), "the data must hold both hard and easy negatives"
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_MARGINS if not mf.margins.create(n).identity_negatives])
+def test_lent_scratch_gives_the_fresh_results_and_never_hands_out_n_in_a_reused_buffer(name):
+    """With an engine's lent BlockScratch a margin writes N over the block and its temporaries into reused
+    buffers: the values must be those of fresh tensors, and N must not live in a buffer the next block reuses."""
+    x, weight, labels = data(rows=16, classes=40)
+    margin = mf.margins.create(name).double()
+    margin.update_state(margin.batch_statistics(torch.full((16,), 0.3, dtype=torch.float64)))
+    cos = torch.nn.functional.normalize(x, dim=1) @ torch.nn.functional.normalize(weight, dim=1).t()
+    ctx = margin.prepare(cos.gather(1, labels[:, None])[:, 0])
+    fresh_values, fresh_slope = margin.negatives_with_slope(cos.clone(), ctx)
+    fresh_stats = margin.row_statistics(cos, labels, ctx)
+    scratch = BlockScratch(lent=True)
+    for block in (slice(0, 40), slice(0, 17), slice(17, 40)):  # a full block, then a smaller one reusing it
+        stats = margin.row_statistics(cos[:, block], labels, ctx, scratch)
+        lent_block = cos[:, block].clone()
+        values, slope = margin.negatives_with_slope(lent_block, ctx, scratch)
+        torch.testing.assert_close(values, fresh_values[:, block], rtol=0, atol=0)
+        torch.testing.assert_close(torch.as_tensor(slope).expand_as(values), torch.as_tensor(
+            fresh_slope).expand_as(fresh_values)[:, block], rtol=0, atol=0)
+        held = [buffer.untyped_storage().data_ptr() for buffer in scratch._held.values()]
+        assert values.untyped_storage().data_ptr() not in held, "N must not be one of the reused buffers"
+        if block == slice(0, 40):
+            for key, value in fresh_stats.items():
+                torch.testing.assert_close(stats[key], value, rtol=0, atol=0)
+
+
+def test_block_scratch_reuses_a_slots_memory_and_grows_it_when_a_block_is_larger():
+    like = torch.zeros(4, 8)
+    scratch = BlockScratch(lent=True)
+    first = scratch.buffer(like, 0)
+    smaller = scratch.buffer(like[:, :3], 0)
+    assert smaller.shape == (4, 3) and smaller.data_ptr() == first.data_ptr()
+    assert scratch.buffer(like, 1).data_ptr() != first.data_ptr()  # slots never share memory
+    larger = scratch.buffer(torch.zeros(4, 16), 0)
+    assert larger.shape == (4, 16) and larger.numel() == 64
+    assert scratch.output(like) is like
+    fresh = BlockScratch()
+    one, two = fresh.buffer(like, 0), fresh.buffer(like, 0)
+    assert fresh.output(like) is None and one.data_ptr() != two.data_ptr()
 
 
 @pytest.mark.parametrize("name", ["arcface", "curricularface", "npcface"])

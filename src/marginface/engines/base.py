@@ -19,7 +19,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from marginface.errors import ConfigError
-from marginface.margins.base import BatchReduce, Margin, RowContext, combine_row_statistics, compute_dtype
+from marginface.margins.base import (
+    FRESH,
+    BatchReduce,
+    BlockScratch,
+    Margin,
+    RowContext,
+    combine_row_statistics,
+    compute_dtype,
+)
 from marginface.margins.mining import hard_indicator
 
 NORM_EPS = 1e-12
@@ -265,14 +273,15 @@ def record_statistics(
             statistics["t"] = float(t.mean())
 
 
-def count_hard(cos: Tensor, ctx: RowContext, target_index: Tensor) -> Tensor | None:
+def count_hard(
+    cos: Tensor, ctx: RowContext, target_index: Tensor, scratch: BlockScratch = FRESH
+) -> Tensor | None:
     """Negatives of a block above the row's threshold (the target column excluded), or None without one."""
     if "threshold" not in ctx:
         return None
     threshold = ctx["threshold"]
-    # the margins' float indicator and nansum rather than (c > T).sum(): a bool reduction is ~5x slower on CPU,
-    # and a NaN cosine counts as not hard either way
-    count = hard_indicator(cos, ctx).nansum(1).long()
+    # the margins' float indicator rather than (c > T).sum(): a bool reduction is ~5x slower on CPU
+    count = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0)).sum(1).long()
     target_is_hard = (target_index >= 0) & (ctx["target_cos"] > threshold)
     return count - target_is_hard.long()
 

@@ -20,7 +20,7 @@ from marginface.engines.base import (
     target_cosines,
 )
 from marginface.engines.sampling import GradientBuffer
-from marginface.margins.base import PAIRWISE_REDUCERS, Margin, RowContext
+from marginface.margins.base import PAIRWISE_REDUCERS, BlockScratch, Margin, RowContext
 
 # chunk_size=None picks BLOCK_ELEMENTS / B classes (a power of two, at least MIN_CHUNK): measured on 2 CPU
 # threads at B = 128 and 512 (docs/benchmarks.md), a [B, chunk] block of about 2^19 fp32 values (2 MiB) keeps
@@ -188,13 +188,16 @@ class ChunkedClassPass(torch.autograd.Function):
         lse = x_hat.new_full((batch,), float("-inf"))
         stats: dict[str, Tensor] = {}
         hard = x_hat.new_zeros(batch, dtype=torch.long)
-        block_max, block_dot, kept, choices = [], [], [], []
+        block_max, block_dot, kept, choices, inverses = [], [], [], [], []
+        scratch = BlockScratch(lent=True)  # the margin's temporaries, reused from block to block
         for start in range(0, classes, chunk_size):
             stop = min(start + chunk_size, classes)
             block = class_block(weight, rows, start, stop, subcenters)
             inv = inverse_norms(block)
+            inverses.append(inv)
             target_index = block_target_index(labels, start, stop)
-            product = x_hat @ block.t()
+            # a kept block is its own memory; otherwise the product reuses one buffer
+            product = x_hat @ block.t() if keep else block_product(x_hat, block, scratch)
             if subcenters > 1:  # the class cosines, normalised before the max over sub-centres
                 product, choice = nearest_subcentre(product.mul_(inv), subcenters)
                 inv = None
@@ -204,12 +207,12 @@ class ChunkedClassPass(torch.autograd.Function):
                 z, values, slope = product.mul_(scale_value if inv is None else inv * scale_value), None, 1.0
             else:
                 cos = product if inv is None else product.mul_(inv)
-                for key, part in margin.row_statistics(cos, target_index, row_ctx).items():
+                for key, part in margin.row_statistics(cos, target_index, row_ctx, scratch).items():
                     combine = PAIRWISE_REDUCERS[margin.row_reductions[key]]
                     stats[key] = part if key not in stats else combine(stats[key], part)
                 if count_hard_negatives:
-                    hard += count_hard(cos, row_ctx, target_index)
-                values, slope = margin.negatives_with_slope(cos, row_ctx)
+                    hard += count_hard(cos, row_ctx, target_index, scratch)
+                values, slope = margin.negatives_with_slope(cos, row_ctx, scratch)
                 # N is the block's own scratch once the statistics are taken, unless ds needs it after exp
                 z = values * row_scale if scale_tensor is not None and needs_grad else values.mul_(row_scale)
             mask_targets(z, target_index, float("-inf"))
@@ -227,7 +230,9 @@ class ChunkedClassPass(torch.autograd.Function):
             block_max = torch.stack(block_max, 1)
             # ds_i = Σ_j q_ij N_ij, from each block's Σ_j e_ij N_ij and its shift once L is final
             scale_dot = (torch.stack(block_dot, 1) * torch.exp(block_max - lse[:, None])).sum(1) if block_dot else None
-            ctx.save_for_backward(x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows)
+            # 1/‖w‖ is kept ([C] values): recomputing it is a second read of all of W, ~1.5 % of a step
+            inverses = torch.cat(inverses)
+            ctx.save_for_backward(x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows, inverses)
             ctx.kept, ctx.margin, ctx.row_ctx, ctx.gradient = kept, margin, row_ctx, gradient
             ctx.scale_value, ctx.chunk_size, ctx.plain = scale_value, chunk_size, plain
             ctx.subcenters, ctx.choices = subcenters, choices
@@ -235,7 +240,7 @@ class ChunkedClassPass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_target: Tensor | None, grad_lse: Tensor | None, *unused):
-        x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows = ctx.saved_tensors
+        x_hat, weight, labels, lse, block_max, scale_tensor, scale_dot, rows, inverses = ctx.saved_tensors
         margin, row_ctx, kept = ctx.margin, ctx.row_ctx, ctx.kept
         row_scale = scale_tensor[:, None] if scale_tensor is not None else ctx.scale_value
         subcenters = ctx.subcenters
@@ -254,11 +259,13 @@ class ChunkedClassPass(torch.autograd.Function):
         # (U ⊙ W_b)·1 goes through one reused [chunk, D] scratch: a batched dot product (bmm) runs as a
         # matrix-vector product per row and cost ~15x the multiply-and-sum on CPU (docs/benchmarks.md)
         block_rows = min(ctx.chunk_size, classes) * subcenters
-        scratch = None if grad_w is None else weight.new_empty(block_rows, weight.shape[1])
+        along_rows = None if grad_w is None else weight.new_empty(block_rows, weight.shape[1])
+        scratch = BlockScratch(lent=True)
         for b, start in enumerate(range(0, classes, ctx.chunk_size)):
             stop = min(start + ctx.chunk_size, classes)
             block = class_block(weight, rows, start, stop, subcenters)
-            inv = inverse_norms(block)
+            first, last = start * subcenters, stop * subcenters
+            inv = inverses[first:last]
             target_index = block_target_index(labels, start, stop)
             if kept:
                 # in place, and each kept block is let go once used (the [B, C] of them drain as dW fills); a
@@ -266,7 +273,7 @@ class ChunkedClassPass(torch.autograd.Function):
                 grad_cos, kept[b] = kept[b].mul_(coefficients[:, b : b + 1]), None
                 choice = ctx.choices[b] if subcenters > 1 else None
             else:
-                product = x_hat @ block.t()
+                product = block_product(x_hat, block, scratch)
                 block_inv: Tensor | None = inv
                 if subcenters > 1:
                     product, choice = nearest_subcentre(product.mul_(inv), subcenters)
@@ -275,7 +282,7 @@ class ChunkedClassPass(torch.autograd.Function):
                     z, slope = product.mul_(ctx.scale_value if block_inv is None else block_inv * ctx.scale_value), 1.0
                 else:
                     cos = product if block_inv is None else product.mul_(block_inv)
-                    values, slope = margin.negatives_with_slope(cos, row_ctx)
+                    values, slope = margin.negatives_with_slope(cos, row_ctx, scratch)
                     z = values.mul_(row_scale)
                 mask_targets(z, target_index, float("-inf"))
                 grad_cos = z.sub_(block_max[:, b : b + 1]).exp_().mul_(coefficients[:, b : b + 1])
@@ -289,15 +296,20 @@ class ChunkedClassPass(torch.autograd.Function):
             grad_x.addmm_(grad_cos, block)
             if grad_w is not None:
                 # written in place: [chunk, D] temporaries would each be fresh pages to fault in
-                first, last = start * subcenters, stop * subcenters
                 u = torch.mm(grad_cos.t(), x_hat, out=grad_w[first:last] if rows is None else None)
-                along = torch.mul(u, block, out=scratch[: u.shape[0]]).sum(1)
+                along = torch.mul(u, block, out=along_rows[: u.shape[0]]).sum(1)
                 u.addcmul_((along * inv * inv)[:, None], block, value=-1.0)
                 if rows is not None:
                     grad_w.index_copy_(0, weight_rows[first:last], u)
         ctx.kept = []
         grad_scale = grad_lse * scale_dot if scale_dot is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_scale, *(None,) * 11
+
+
+def block_product(x_hat: Tensor, block: Tensor, scratch: BlockScratch) -> Tensor:
+    """x̂ W_bᵀ into the pass's reused product buffer (a fresh [B, n] per block would fault its pages in anew)."""
+    out = scratch.buffer(x_hat, "product", (x_hat.shape[0], block.shape[0]))
+    return torch.mm(x_hat, block.t(), out=out)
 
 
 def finite_shift(top: Tensor) -> Tensor:

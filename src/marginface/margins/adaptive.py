@@ -15,6 +15,8 @@ from torch import Tensor
 from marginface.errors import ConfigError
 from marginface.margins.base import (
     COS_EPS,
+    FRESH,
+    BlockScratch,
     Margin,
     RowContext,
     arc_target,
@@ -99,11 +101,15 @@ class AdaFace(Margin):
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         return cos.clamp(-1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS)
 
-    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
+    def negatives_with_slope(
+        self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> tuple[Tensor, Tensor]:
         low, high = -1.0 + ADAFACE_EPS, 1.0 - ADAFACE_EPS
-        # clamp's derivative is 1 on the closed interval (as autograd's), 0 outside
-        slope = ((cos >= low) & (cos <= high)).to(cos.dtype)
-        return cos.clamp(low, high), slope
+        # clamp's derivative is 1 on the closed interval (as autograd's), 0 outside; comparisons written into
+        # float buffers (a bool block and its conversion cost several float passes on CPU)
+        inside = torch.ge(cos, low, out=scratch.buffer(cos, 0))
+        slope = inside.mul_(torch.le(cos, high, out=scratch.buffer(cos, 1)))
+        return torch.clamp(cos, low, high, out=scratch.output(cos)), slope
 
 
 @register

@@ -15,10 +15,12 @@ runs everywhere; ``engines.base.margin_loss`` is that sequence, shared by every 
    the step; the feature norms it gets are *not* detached (AdaFace detaches them itself; MagFace's margin and
    regulariser differentiate through them).
 3. One pass over the classes, block by block (any blocking, any order):
-   ``row_statistics(cos_block, target_index, ctx)`` -> per-row reductions without gradient, combined across
-   blocks and shards with the reduction named in ``row_reductions`` ("sum", "max" or "logsumexp");
-   ``negatives_with_slope(cos_block, ctx)`` -> N and dN/dc for the block (the engine's backward);
+   ``row_statistics(cos_block, target_index, ctx, scratch)`` -> per-row reductions without gradient, combined
+   across blocks and shards with the reduction named in ``row_reductions`` ("sum", "max" or "logsumexp");
+   ``negatives_with_slope(cos_block, ctx, scratch)`` -> N and dN/dc for the block (the engine's backward);
    and the engine's own ``negatives_lse`` = log Σ_{j≠y} e^{scale·N(c_j)}, which *does* carry gradient.
+   ``scratch`` (a ``BlockScratch``) says where a block's temporaries go: buffers reused from block to block and
+   N written over the block, when a streaming engine lends them; fresh tensors otherwise.
 4. ``finish(ctx, row_stats)`` -> the unscaled target logit ``ctx["target"]`` = T(c_y); ``row_stats`` holds the
    margin's reductions and ``"negatives_lse"``, so a margin may define its target from the partition function
    (AM-LFS) and the gradient flows through it on every engine.
@@ -104,6 +106,41 @@ def straight_through(cos: Tensor, value: Tensor) -> Tensor:
     return cos + (value - cos).detach()
 
 
+class BlockScratch:
+    """Where a margin's per-block temporaries go: fresh tensors (``FRESH``, the default) or memory an engine lends.
+
+    A streaming engine lends one per pass (``BlockScratch(lent=True)``): ``buffer(like, slot)`` then returns the
+    same memory for a slot from block to block, and ``output(cos)`` is the block itself, so that N is written
+    over cosines the engine no longer reads. On CPU a fresh [B, n] temporary costs 2–8 passes over it (its pages
+    come zeroed from the kernel) and a reused one none; this took the mining heads from 1.15x to ~1.08x the
+    ArcFace head (docs/benchmarks.md). A buffer holds until the next request for its slot, so a margin may
+    return one as its slope (the engine uses it before the next block) but never as N (which it may keep).
+    Whatever ``output`` returns may be ``cos`` itself: read everything you need from ``cos`` before writing it.
+    """
+
+    def __init__(self, lent: bool = False) -> None:
+        self.lent = lent
+        self._held: dict[object, Tensor] = {}
+
+    def buffer(self, like: Tensor, slot: object, shape: tuple[int, ...] | None = None) -> Tensor:
+        """An uninitialised tensor of ``like``'s dtype and device (and shape, unless ``shape``), for ``slot``."""
+        size = tuple(like.shape if shape is None else shape)
+        if not self.lent:
+            return like.new_empty(size)
+        numel = math.prod(size)
+        held = self._held.get(slot)
+        if held is None or held.numel() < numel or held.dtype != like.dtype or held.device != like.device:
+            held = self._held[slot] = like.new_empty(numel)  # grows to the largest block, then is reused
+        return held[:numel].view(size)
+
+    def output(self, cos: Tensor) -> Tensor | None:
+        """Where N goes, as an ``out=`` argument: over ``cos`` when the engine lends it, a fresh tensor (None)."""
+        return cos if self.lent else None
+
+
+FRESH = BlockScratch()
+
+
 class Margin(nn.Module):
     """Base class of every margin: T, N, G, state and per-row statistics, in the unified form."""
 
@@ -171,8 +208,10 @@ class Margin(nn.Module):
     def prepare(self, target_cos: Tensor, norms: Tensor | None = None) -> RowContext:
         return {"target_cos": target_cos}
 
-    def row_statistics(self, cos: Tensor, target_index: Tensor, ctx: RowContext) -> dict[str, Tensor]:
-        """Per-row reductions over one block of classes, without gradient.
+    def row_statistics(
+        self, cos: Tensor, target_index: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> dict[str, Tensor]:
+        """Per-row reductions over one block of classes, without gradient (``cos`` is read, never written).
 
         ``target_index`` [B] is the column of each row's target inside this block, −1 where it lies elsewhere.
         """
@@ -188,11 +227,14 @@ class Margin(nn.Module):
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         return cos
 
-    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor | float]:
+    def negatives_with_slope(
+        self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> tuple[Tensor, Tensor | float]:
         """N(c) and dN/dc for a block (no graph): the engines' backward is one multiply by the slope.
 
         The identity has slope 1; this default differentiates ``negative_logits`` elementwise, and the mining
-        margins override it with their closed form (tested equal to this autograd slope).
+        margins override it with their closed form (tested equal to this autograd slope), putting their
+        temporaries in ``scratch`` and N in ``scratch.output(cos)``.
         """
         if self.identity_negatives:
             return cos, 1.0

@@ -13,8 +13,10 @@ import torch
 from torch import Tensor
 
 from marginface.margins.base import (
+    FRESH,
     GRADIENT_MODES,
     AngularMargin,
+    BlockScratch,
     Margin,
     RowContext,
     arc_target,
@@ -33,14 +35,15 @@ def hard_mask(cos: Tensor, ctx: RowContext) -> Tensor:
     return cos > ctx["threshold"][:, None]
 
 
-def hard_indicator(cos: Tensor, ctx: RowContext) -> Tensor:
-    """1.0 where a negative is hard (c > the row's threshold), 0.0 elsewhere: ``hard_mask`` as a float block.
+def hard_indicator(cos: Tensor, ctx: RowContext, out: Tensor | None = None) -> Tensor:
+    """1.0 where a negative is hard (c > the row's threshold), 0.0 elsewhere: ``hard_mask`` as a float block
+    (written into ``out`` where given).
 
     The engines call this on every block, so N and its slope are written as arithmetic on it instead of
-    ``torch.where`` on a bool mask: on CPU a where or a bool reduction over a [512, 512] block costs 70–450 µs
-    against 10–20 µs for a float pass (docs/benchmarks.md). fl(c − T) > 0 exactly when c > T, so the two agree.
+    ``torch.where`` on a bool mask: on CPU a where or a bool reduction over a [512, 1024] block costs 150–1000 µs
+    against ~40 µs for the comparison written straight into a float buffer (docs/benchmarks.md).
     """
-    return (cos - ctx["threshold"][:, None]).clamp_(min=0.0).sign_()
+    return torch.gt(cos, ctx["threshold"][:, None], out=torch.empty_like(cos) if out is None else out)
 
 
 @register
@@ -87,14 +90,16 @@ class MVSoftmax(Margin):
         emphasised = (1.0 + self.t) * cos + self.t if self.adaptive else cos + self.t
         return torch.where(hard_mask(cos, ctx), emphasised, cos)
 
-    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
+    def negatives_with_slope(
+        self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> tuple[Tensor, Tensor | float]:
         """N and dN/dc together (the engines' fast backward); equal to autograd of negative_logits."""
-        hard = hard_indicator(cos, ctx)
+        hard = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0))
         if not self.adaptive:  # N = c + t·[hard], slope 1
-            return torch.add(cos, hard, alpha=self.t), 1.0
-        slope = hard.mul(self.t).add_(1.0)  # 1 + t on hard negatives, 1 elsewhere
-        # N = t·[hard] + c·slope, written over the indicator (one [B, n] temporary fewer per block)
-        return hard.mul_(self.t).addcmul_(cos, slope), slope
+            return torch.add(cos, hard, alpha=self.t, out=scratch.output(cos)), 1.0
+        emphasis = hard.mul_(self.t)  # t on hard negatives, 0 elsewhere
+        slope = torch.add(emphasis, 1.0, out=scratch.buffer(cos, 1))  # 1 + t on hard negatives, 1 elsewhere
+        return torch.addcmul(emphasis, cos, slope, out=scratch.output(cos)), slope  # N = t·[hard] + c·slope
 
 
 @register
@@ -127,15 +132,17 @@ class ArcNegFace(AngularMargin):
             weight = self.reweighting(cos, ctx)
         return weight * (cos + 1.0) - 1.0
 
-    def reweighting(self, cos: Tensor, ctx: RowContext) -> Tensor:
-        """w = α·exp(−(c − T)²/σ), treated as a constant (detached) as in the reference."""
+    def reweighting(self, cos: Tensor, ctx: RowContext, out: Tensor | None = None) -> Tensor:
+        """w = α·exp(−(c − T)²/σ), treated as a constant (detached) as in the reference (into ``out``)."""
         # α·exp(−d²/σ) = exp(log α − d²/σ), all in place on one temporary
-        distance = cos - ctx["reweight_center"][:, None]
+        distance = torch.sub(cos, ctx["reweight_center"][:, None], out=out)
         return distance.square_().mul_(-1.0 / self.sigma).add_(math.log(self.alpha)).exp_()
 
-    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
-        weight = self.reweighting(cos, ctx)
-        return torch.addcmul(weight, weight, cos).sub_(1.0), weight
+    def negatives_with_slope(
+        self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> tuple[Tensor, Tensor]:
+        weight = self.reweighting(cos, ctx, out=scratch.buffer(cos, 0))
+        return torch.addcmul(weight, weight, cos, out=scratch.output(cos)).sub_(1.0), weight
 
 
 @register
@@ -184,14 +191,16 @@ class CurricularFace(AngularMargin):
         t = self.t.to(cos.dtype)
         return torch.where(hard_mask(cos, ctx), cos * (t + cos), cos)
 
-    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
+    def negatives_with_slope(
+        self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> tuple[Tensor, Tensor]:
         t = self.t.to(cos.dtype)
-        hard = hard_indicator(cos, ctx)
+        hard = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0))
         # I(t, c) = 1 + [hard]·(c + t − 1): t + c on hard negatives, 1 elsewhere. N = c·I, and
-        # M = dN/dc = I + [hard]·c (2c + t where hard, 1 elsewhere).
-        modulation = (cos + (t - 1.0)).mul_(hard).add_(1.0)
-        values = cos * modulation
-        return values, modulation.addcmul_(hard, cos)
+        # M = dN/dc = I + [hard]·c (2c + t where hard, 1 elsewhere); M before N, which may overwrite c.
+        modulation = torch.add(cos, t - 1.0, out=scratch.buffer(cos, 1)).mul_(hard).add_(1.0)
+        slope = hard.mul_(cos).add_(modulation)
+        return torch.mul(cos, modulation, out=scratch.output(cos)), slope
 
 
 @register
@@ -229,21 +238,23 @@ class NPCFace(Margin):
     def prepare(self, target_cos: Tensor, norms: Tensor | None = None) -> RowContext:
         return {"target_cos": target_cos, "threshold": cos_plus_margin(target_cos, self.mask_margin).detach()}
 
-    def row_statistics(self, cos: Tensor, target_index: Tensor, ctx: RowContext) -> dict[str, Tensor]:
+    def row_statistics(
+        self, cos: Tensor, target_index: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> dict[str, Tensor]:
+        # Sums over every column, the target's included: it lies in exactly one block of one shard, so ``finish``
+        # takes it out once per row (B values) instead of every block testing for it.
         with torch.no_grad():
-            hard = hard_indicator(cos, ctx)
+            hard = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0))
             hard_count = hard.sum(1)
-            hard_sum = hard.mul_(cos).sum(1)
-            # The target column is excluded per row (B values) rather than by masking the whole [B, C] block.
-            target_in_block = target_index >= 0
-            target_cos = ctx["target_cos"]
-            target_is_hard = target_in_block & (target_cos > ctx["threshold"])
-            hard_sum = hard_sum - torch.where(target_is_hard, target_cos.detach(), 0.0)
-            return {"hard_sum": hard_sum, "hard_count": hard_count - target_is_hard.to(cos.dtype)}
+            return {"hard_sum": hard.mul_(cos).sum(1), "hard_count": hard_count}
 
     def finish(self, ctx: RowContext, row_stats: Mapping[str, Tensor]) -> RowContext:
+        target_cos = ctx["target_cos"].detach()
+        target_is_hard = (target_cos > ctx["threshold"]).to(target_cos.dtype)
+        hard_sum = row_stats["hard_sum"] - target_is_hard * target_cos
+        hard_count = row_stats["hard_count"] - target_is_hard
         # With no hard negative the sum is 0, so m̃ falls back to m0 by itself.
-        ctx["margin"] = self.m0 + self.m1 * row_stats["hard_sum"] / row_stats["hard_count"].clamp(min=1)
+        ctx["margin"] = self.m0 + self.m1 * hard_sum / hard_count.clamp(min=1)
         return super().finish(ctx, row_stats)
 
     def target_logit(self, target_cos: Tensor, ctx: RowContext) -> Tensor:
@@ -253,8 +264,9 @@ class NPCFace(Margin):
     def negative_logits(self, cos: Tensor, ctx: RowContext) -> Tensor:
         return torch.where(hard_mask(cos, ctx), self.t * cos + self.alpha, cos)
 
-    def negatives_with_slope(self, cos: Tensor, ctx: RowContext) -> tuple[Tensor, Tensor]:
-        hard = hard_indicator(cos, ctx)
-        slope = hard.mul(self.t - 1.0).add_(1.0)  # t on hard negatives, 1 elsewhere
-        # N = α·[hard] + c·slope, written over the indicator (one [B, n] temporary fewer per block)
-        return hard.mul_(self.alpha).addcmul_(cos, slope), slope
+    def negatives_with_slope(
+        self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
+    ) -> tuple[Tensor, Tensor]:
+        hard = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0))
+        slope = torch.mul(hard, self.t - 1.0, out=scratch.buffer(cos, 1)).add_(1.0)  # t on hard negatives, 1 elsewhere
+        return torch.addcmul(hard.mul_(self.alpha), cos, slope, out=scratch.output(cos)), slope  # α·[hard] + c·slope

@@ -139,11 +139,29 @@ def fresh_process_probe(name: str, batch: int, classes: int, dim: int, device: s
     out of the next one's peak.
     """
     code = (
-        "import resource, torch; import marginface.bench.heads as h;"
+        "import torch; import marginface.bench.heads as h;"
         f"step = h.make_step({name!r}, {batch}, {classes}, {dim}, device={device!r}, dtype={dtype!r});" + measure
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(output.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_kib() -> int:
+    """This process's peak resident set (KiB) since it started its program.
+
+    Linux's ``ru_maxrss`` survives ``exec``: a probe started from a large parent (the benchmark holding every
+    variant) would report the parent's peak and hide its own growth, so /proc's VmHWM (reset by exec) comes first.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource  # POSIX only, as is every memory figure of this benchmark
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (elsewhere, bytes on macOS)
 
 
 def memory_probe(name: str, batch: int, classes: int, dim: int, device: str = "cpu", dtype: str = "float32") -> float:
@@ -155,14 +173,13 @@ def memory_probe(name: str, batch: int, classes: int, dim: int, device: str = "c
         measure = ("torch.cuda.synchronize(); before = torch.cuda.memory_allocated(); step(); step();"
                    "print((torch.cuda.max_memory_allocated() - before) / 2**20)")
     else:
-        measure = ("before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; step(); step();"
-                   "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+        measure = "before = h.peak_rss_kib(); step(); step(); print((h.peak_rss_kib() - before) / 1024)"
     return fresh_process_probe(name, batch, classes, dim, device, dtype, measure)
 
 
 def peak_rss_mb(name: str, batch: int, classes: int, dim: int) -> float:
     """Peak RSS (MB) of a fresh interpreter that builds ``name`` and trains two steps: everything a run holds."""
-    measure = "step(); step(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    measure = "step(); step(); print(h.peak_rss_kib() / 1024)"
     return fresh_process_probe(name, batch, classes, dim, "cpu", "float32", measure)
 
 

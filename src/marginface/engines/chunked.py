@@ -213,7 +213,7 @@ class ChunkedClassPass(torch.autograd.Function):
                 if count_hard_negatives:
                     hard += count_hard(cos, row_ctx, target_index, scratch)
                 values, slope = margin.negatives_with_slope(cos, row_ctx, scratch)
-                # N is the block's own scratch once the statistics are taken, unless ds needs it after exp
+                # N is written over the block (scratch.output), and scaled in place unless ds needs it after exp
                 z = values * row_scale if scale_tensor is not None and needs_grad else values.mul_(row_scale)
             mask_targets(z, target_index, float("-inf"))
             shift = finite_shift(z.amax(dim=1))
@@ -256,10 +256,6 @@ class ChunkedClassPass(torch.autograd.Function):
         # g_L·s·exp(m_b − L) per block turns e into the gradient; m_b <= L, so it never overflows
         coefficients = (grad_lse * (scale_tensor if scale_tensor is not None else ctx.scale_value))[:, None]
         coefficients = coefficients * torch.exp(block_max - lse[:, None])
-        # (U ⊙ W_b)·1 goes through one reused [chunk, D] scratch: a batched dot product (bmm) runs as a
-        # matrix-vector product per row and cost ~15x the multiply-and-sum on CPU (docs/benchmarks.md)
-        block_rows = min(ctx.chunk_size, classes) * subcenters
-        along_rows = None if grad_w is None else weight.new_empty(block_rows, weight.shape[1])
         scratch = BlockScratch(lent=True)
         for b, start in enumerate(range(0, classes, ctx.chunk_size)):
             stop = min(start + ctx.chunk_size, classes)
@@ -297,7 +293,9 @@ class ChunkedClassPass(torch.autograd.Function):
             if grad_w is not None:
                 # written in place: [chunk, D] temporaries would each be fresh pages to fault in
                 u = torch.mm(grad_cos.t(), x_hat, out=grad_w[first:last] if rows is None else None)
-                along = torch.mul(u, block, out=along_rows[: u.shape[0]]).sum(1)
+                # (U ⊙ W_b)·1 as a multiply into a reused buffer and a row sum: a batched dot product (bmm) runs
+                # as a matrix-vector product per row and cost ~15x as much on CPU (docs/benchmarks.md)
+                along = torch.mul(u, block, out=scratch.buffer(u, "along")).sum(1)
                 u.addcmul_((along * inv * inv)[:, None], block, value=-1.0)
                 if rows is not None:
                     grad_w.index_copy_(0, weight_rows[first:last], u)

@@ -134,9 +134,10 @@ class ArcNegFace(AngularMargin):
 
     def reweighting(self, cos: Tensor, ctx: RowContext, out: Tensor | None = None) -> Tensor:
         """w = α·exp(−(c − T)²/σ), treated as a constant (detached) as in the reference (into ``out``)."""
-        # α·exp(−d²/σ) = exp(log α − d²/σ), all in place on one temporary
+        # α·exp(−d²/σ) = exp(log α − d²/σ), in place on one temporary: three passes (sub, addcmul, exp)
         distance = torch.sub(cos, ctx["reweight_center"][:, None], out=out)
-        return distance.square_().mul_(-1.0 / self.sigma).add_(math.log(self.alpha)).exp_()
+        log_alpha = cos.new_full((), math.log(self.alpha))
+        return torch.addcmul(log_alpha, distance, distance, value=-1.0 / self.sigma, out=distance).exp_()
 
     def negatives_with_slope(
         self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
@@ -198,8 +199,9 @@ class CurricularFace(AngularMargin):
         hard = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0))
         # I(t, c) = 1 + [hard]·(c + t − 1): t + c on hard negatives, 1 elsewhere. N = c·I, and
         # M = dN/dc = I + [hard]·c (2c + t where hard, 1 elsewhere); M before N, which may overwrite c.
-        modulation = torch.add(cos, t - 1.0, out=scratch.buffer(cos, 1)).mul_(hard).add_(1.0)
-        slope = hard.mul_(cos).add_(modulation)
+        shifted = torch.add(cos, t - 1.0, out=scratch.buffer(cos, 1))
+        modulation = torch.addcmul(cos.new_ones(()), hard, shifted, out=shifted)
+        slope = torch.addcmul(modulation, hard, cos, out=hard)
         return torch.mul(cos, modulation, out=scratch.output(cos)), slope
 
 
@@ -268,5 +270,6 @@ class NPCFace(Margin):
         self, cos: Tensor, ctx: RowContext, scratch: BlockScratch = FRESH
     ) -> tuple[Tensor, Tensor]:
         hard = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0))
-        slope = torch.mul(hard, self.t - 1.0, out=scratch.buffer(cos, 1)).add_(1.0)  # t on hard negatives, 1 elsewhere
+        # t on hard negatives, 1 elsewhere: 1 + (t − 1)·[hard] in one pass
+        slope = torch.add(cos.new_ones(()), hard, alpha=self.t - 1.0, out=scratch.buffer(cos, 1))
         return torch.addcmul(hard.mul_(self.alpha), cos, slope, out=scratch.output(cos)), slope  # α·[hard] + c·slope

@@ -112,9 +112,10 @@ class BlockScratch:
     A streaming engine lends one per pass (``BlockScratch(lent=True)``): ``buffer(like, slot)`` then returns the
     same memory for a slot from block to block, and ``output(cos)`` is the block itself, so that N is written
     over cosines the engine no longer reads. On CPU a fresh [B, n] temporary costs 2–8 passes over it (its pages
-    come zeroed from the kernel) and a reused one none; this took the mining heads from 1.15x to ~1.08x the
-    ArcFace head (docs/benchmarks.md). A buffer holds until the next request for its slot, so a margin may
-    return one as its slope (the engine uses it before the next block) but never as N (which it may keep).
+    come zeroed from the kernel) and a reused one none; with the pass cuts beside it, NPCFace went from 1.14x
+    to 1.07x the ArcFace head at B = 512 (docs/benchmarks.md). A buffer holds until the next request for its
+    slot, so a margin may return one as its slope (the engine uses it before the next block) but never as N
+    (which the engine may keep).
     Whatever ``output`` returns may be ``cos`` itself: read everything you need from ``cos`` before writing it.
     """
 

@@ -249,3 +249,19 @@ def test_a_setting_added_later_at_its_default_keeps_an_old_comparison() -> None:
     changed = config_from_dict({"head": {"subcenters": 2}})
     assert identity_differences({"config": stored}, {"config": comparable_config(changed)}) == [
         "head.subcenters: 1 before, 2 now"]
+
+
+def test_interval_plot_draws_an_interval_that_excludes_its_point():
+    """A percentile interval need not hold the mean (few replicates): the plot draws it where it lies."""
+    from marginface.compare.plots import interval_figure
+
+    entry = {"accuracy": {"value": 0.80, "low": 0.82, "high": 0.90}}  # the interval lies wholly above
+    summary = {"pair_sets": {"synth_lfw": {"margins": {"arcface": {"estimates": entry}}}},
+               "margins": ["arcface"], "baseline": "arcface"}
+    figure = interval_figure(summary, "estimates")
+    axis = figure.axes[0]
+    bar_ends = sorted({round(float(y), 6) for collection in axis.collections for path in collection.get_paths()
+                       for y in path.vertices[:, 1]})
+    assert bar_ends == [82.0, 90.0]
+    (point,) = [line for line in axis.get_lines() if line.get_label() == "arcface"]
+    assert float(point.get_ydata()[0]) == 80.0

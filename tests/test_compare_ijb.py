@@ -246,3 +246,28 @@ def test_ijb_scores_go_stale_with_a_newer_model_or_another_pair_list(added_later
     pair_file = other / "meta/ijbc_template_pair_label.txt"
     pair_file.write_text("".join(pair_file.read_text().splitlines(keepends=True)[:-1]))
     assert not ijb_scores_are_current(run, check_ijb(other))
+
+
+def test_ijb_bootstrap_sets_the_ijb_replicates_alone(added_later, ijb_tree, tmp_path, capsys):
+    """`--ijb-bootstrap 7` beside `--bootstrap 30`: the IJB statistics are those of a comparison run entirely at
+    7 replicates, the pair sets those at 30; a count below 1 is refused, naming the option."""
+    out, _, _, at_30 = added_later
+    summaries = {}
+    for name, extra in (("split", ("--ijb-bootstrap", "7")), ("all_7", ("--bootstrap", "7"))):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(running, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+            assert cli.main(compare_args(copy, "--ijb", str(ijb_tree), *extra, margins=MARGINS)) == 0
+        summaries[name] = json.loads((copy / "compare.json").read_text())
+        summaries[name]["report.md"] = (copy / "report.md").read_text()
+    split, all_7 = summaries["split"], summaries["all_7"]
+    assert (split["bootstrap"]["replicates"], split["bootstrap"]["ijb_replicates"]) == (30, 7)
+    assert (at_30["bootstrap"]["replicates"], at_30["bootstrap"]["ijb_replicates"]) == (30, 30)
+    assert split["pair_sets"] == at_30["pair_sets"]
+    assert split["ijb"] == all_7["ijb"] != at_30["ijb"]
+    assert "30 replicates (7 for IJB)" in split["report.md"] and "7 replicates," in all_7["report.md"]
+    capsys.readouterr()
+    assert cli.main(compare_args(tmp_path / "split", "--ijb", str(ijb_tree), "--ijb-bootstrap", "0",
+                                 margins=MARGINS)) == 2
+    assert "--ijb-bootstrap 0 is invalid" in capsys.readouterr().err

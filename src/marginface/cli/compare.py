@@ -54,6 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="which IJB protocol of --ijb ROOT (default IJBC)")
     parser.add_argument("--bootstrap", type=int, default=None, metavar="R",
                         help="bootstrap replicates per pair set (default 1000)")
+    parser.add_argument("--ijb-bootstrap", type=int, default=None, metavar="R",
+                        help="bootstrap replicates of the IJB statistics (default: --bootstrap's); each redraws "
+                        "every template pair of every seed, so real IJB-C wants fewer")
     parser.add_argument("--bootstrap-seed", type=int, default=None, metavar="SEED",
                         help="seed of the bootstrap's generator (default 0): the same seed, the same intervals")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (run lines still shown)")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     check_device(config.train.device, "train.device of the comparison's config")
     summary = compare(plan, parallel=args.parallel, force=args.force, progress=not args.no_progress,
                       replicates=DEFAULT_REPLICATES if args.bootstrap is None else args.bootstrap,
-                      bootstrap_seed=DEFAULT_BOOTSTRAP_SEED if args.bootstrap_seed is None else args.bootstrap_seed)
+                      bootstrap_seed=DEFAULT_BOOTSTRAP_SEED if args.bootstrap_seed is None else args.bootstrap_seed,
+                      ijb_replicates=args.ijb_bootstrap)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

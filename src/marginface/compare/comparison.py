@@ -15,11 +15,12 @@ from marginface.fileio import atomic_write_text, json_plain
 
 
 def compare(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progress: bool = True,
-            replicates: int = DEFAULT_REPLICATES, bootstrap_seed: int = DEFAULT_BOOTSTRAP_SEED) -> dict:
+            replicates: int = DEFAULT_REPLICATES, bootstrap_seed: int = DEFAULT_BOOTSTRAP_SEED,
+            ijb_replicates: int | None = None) -> dict:
     """Run the comparison ``plan`` (resuming what an earlier call left) and write its outputs; returns
-    compare.json's content."""
-    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
-        raise ConfigError(f"--bootstrap {replicates!r} is invalid: expected a number of replicates >= 1")
+    compare.json's content. ``ijb_replicates``: the IJB bootstrap's replicates (None: ``replicates``)."""
+    check_replicates("--bootstrap", replicates)
+    ijb_replicates = replicates if ijb_replicates is None else check_replicates("--ijb-bootstrap", ijb_replicates)
     if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
         raise ConfigError(f"--parallel {parallel!r} is invalid: expected a number of processes >= 1")
     claim_directory(plan, force=force)
@@ -27,15 +28,21 @@ def compare(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
     echo(f"statistics: {replicates} bootstrap replicates per pair set")
     if plan.ijb is not None:
         # the one slow statistic: each replicate redraws every template pair of every seed (docs/compare.md)
-        echo(f"statistics: {plan.ijb.title}: {replicates} replicates × {len(plan.seeds)} seeds × "
-             f"{plan.ijb.pairs:,} template pairs (--bootstrap R lowers the replicates)")
-    summary = summarise(plan, outcomes, replicates, bootstrap_seed)
+        echo(f"statistics: {plan.ijb.title}: {ijb_replicates} replicates × {len(plan.seeds)} seeds × "
+             f"{plan.ijb.pairs:,} template pairs (--ijb-bootstrap R lowers the replicates)")
+    summary = summarise(plan, outcomes, replicates, bootstrap_seed, ijb_replicates)
     plots = write_comparison_plots(plan, outcomes, summary)
     summary["plots"] = [path.relative_to(plan.out).as_posix() for _, path in plots]
     atomic_write_text(plan.out / SUMMARY_FILE, json.dumps(json_plain(summary), indent=2) + "\n")
     report = write_report(summary, plan.out, plots)
     echo(f"wrote {plan.out / SUMMARY_FILE} and {report}")
     return summary
+
+
+def check_replicates(option: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option} {value!r} is invalid: expected a number of replicates >= 1")
+    return value
 
 
 def echo(line: str) -> None:

@@ -52,10 +52,14 @@ def interval_figure(summary: dict, kind: str) -> Figure | None:
                 continue
             x.append(p - 0.4 + width * (i + 0.5))
             y.append(100 * entry["value"])
-            low.append(100 * (entry["value"] - (entry["low"] if entry["low"] is not None else entry["value"])))
-            high.append(100 * ((entry["high"] if entry["high"] is not None else entry["value"]) - entry["value"]))
-        axis.errorbar(x, y, yerr=[low, high], fmt=MARKERS[i % len(MARKERS)], capsize=3, markersize=5, label=label,
-                      color=f"C{i % 10}")
+            low.append(100 * (entry["low"] if entry["low"] is not None else entry["value"]))
+            high.append(100 * (entry["high"] if entry["high"] is not None else entry["value"]))
+        # the interval as a bar of its own: a percentile interval need not contain the mean (few replicates,
+        # skewed draws), and errorbar's offsets from the point cannot be negative
+        middle = [(a + b) / 2 for a, b in zip(low, high, strict=True)]
+        half = [(b - a) / 2 for a, b in zip(low, high, strict=True)]
+        axis.errorbar(x, middle, yerr=half, fmt="none", capsize=3, color=f"C{i % 10}")
+        axis.plot(x, y, MARKERS[i % len(MARKERS)], markersize=5, label=label, color=f"C{i % 10}")
     axis.set_xticks(range(len(pair_sets)), pair_sets)
     axis.set_xlim(-0.5, len(pair_sets) - 0.5)
     baseline = summary["baseline"]

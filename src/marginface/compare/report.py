@@ -91,8 +91,10 @@ def seed_std(per_seed: dict[str, dict[str, float | None]]) -> dict[str, float | 
     return {k: float(np.std(v, ddof=1)) if len(v) >= 2 else None for k, v in values.items()}
 
 
-def summarise(plan: ComparisonPlan, outcomes: list[RunOutcome], replicates: int, bootstrap_seed: int) -> dict:
-    """compare.json's content."""
+def summarise(plan: ComparisonPlan, outcomes: list[RunOutcome], replicates: int, bootstrap_seed: int,
+              ijb_replicates: int | None = None) -> dict:
+    """compare.json's content (``ijb_replicates``: the IJB bootstrap's, None: ``replicates``)."""
+    ijb_replicates = replicates if ijb_replicates is None else ijb_replicates
     collected = collect_scores(plan, outcomes)
     finished = sum(o.status == "finished" for o in outcomes)
     return {
@@ -102,14 +104,23 @@ def summarise(plan: ComparisonPlan, outcomes: list[RunOutcome], replicates: int,
         "margins": [m.label for m in plan.margins],
         "seeds": list(plan.seeds),
         "baseline": plan.baseline.label,
-        "bootstrap": {"replicates": replicates, "seed": bootstrap_seed, "confidence": CONFIDENCE,
+        "bootstrap": {"replicates": replicates, "ijb_replicates": ijb_replicates, "seed": bootstrap_seed,
+                      "confidence": CONFIDENCE,
                       "method": "seeds, then pairs within each drawn seed; percentile interval (docs/compare.md)"},
         "counts": {"planned": len(outcomes), "finished": finished, "failed": len(outcomes) - finished},
         "runs": [o.to_dict() for o in outcomes],
         "pair_sets": {name: pair_set_statistics(plan, name, collected[name], replicates, bootstrap_seed)
                       for name in sorted(collected)},
-        "ijb": ijb_statistics(plan, outcomes, replicates, bootstrap_seed),
+        "ijb": ijb_statistics(plan, outcomes, ijb_replicates, bootstrap_seed),
     }
+
+
+def replicates_text(bootstrap: dict) -> str:
+    """'R replicates', or both counts where IJB had its own (compare.json files before it had none)."""
+    ijb = bootstrap.get("ijb_replicates", bootstrap["replicates"])
+    if ijb == bootstrap["replicates"]:
+        return f"{bootstrap['replicates']} replicates"
+    return f"{bootstrap['replicates']} replicates ({ijb} for IJB)"
 
 
 def cell(entry: dict, scale: float = 100.0, signed: bool = False) -> str:
@@ -165,7 +176,7 @@ def write_report(summary: dict, out: Path, plots: list[tuple[str, Path]]) -> Pat
              f"- seeds: {', '.join(map(str, summary['seeds']))}; runs: {counts['finished']} of {counts['planned']} "
              f"finished, {counts['failed']} failed (statistics use the finished runs)",
              f"- intervals: {100 * summary['bootstrap']['confidence']:.0f} % percentile bootstrap over seeds, then "
-             f"pairs, {summary['bootstrap']['replicates']} replicates, bootstrap seed {summary['bootstrap']['seed']} "
+             f"pairs, {replicates_text(summary['bootstrap'])}, bootstrap seed {summary['bootstrap']['seed']} "
              "(docs/compare.md)", f"- IJB: {ijb_line(summary['ijb'])}", ""]
     failed = [run for run in summary["runs"] if run["status"] != "finished"]
     if failed:

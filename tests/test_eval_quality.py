@@ -60,7 +60,7 @@ def test_norms_are_the_raw_norms_of_the_image_as_given(model, files):
     pairs = mf.eval.load_pairs(files / "alpha.bin")
     expected = _independent_norms(model, pairs.images)
     assert not np.allclose(expected, 1.0, atol=0.1) and expected.std() > 0.05  # normalised ones would fail
-    fused, xnorm, norms = mf.eval.embed_images_with_norms(model, pairs.images, batch_size=5)
+    fused, xnorm, norms = mf.eval.embed_images(model, pairs.images, batch_size=5, return_norms=True)
     assert norms.shape == (pairs.images.shape[0],) and norms.dtype == np.float32
     np.testing.assert_allclose(norms, expected, rtol=1e-5)
     # neither the flip-fused sum nor the mirror's norm

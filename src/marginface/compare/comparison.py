@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 from marginface.compare import running
-from marginface.compare.plan import ComparisonPlan, claim_directory
+from marginface.compare.plan import ComparisonPlan, check_count, claim_directory
 from marginface.compare.report import SUMMARY_FILE, collect_scores, summarise, write_report
 from marginface.compare.statistics import DEFAULT_BOOTSTRAP_SEED, DEFAULT_REPLICATES
-from marginface.errors import ConfigError
 from marginface.fileio import atomic_write_text, json_plain
 
 
@@ -19,10 +18,10 @@ def compare(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
             ijb_replicates: int | None = None) -> dict:
     """Run the comparison ``plan`` (resuming what an earlier call left) and write its outputs; returns
     compare.json's content. ``ijb_replicates``: the IJB bootstrap's replicates (None: ``replicates``)."""
-    check_replicates("--bootstrap", replicates)
-    ijb_replicates = replicates if ijb_replicates is None else check_replicates("--ijb-bootstrap", ijb_replicates)
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ConfigError(f"--parallel {parallel!r} is invalid: expected a number of processes >= 1")
+    check_count("--bootstrap", replicates, "replicates")
+    ijb_replicates = replicates if ijb_replicates is None else check_count("--ijb-bootstrap", ijb_replicates,
+                                                                           "replicates")
+    check_count("--parallel", parallel, "processes")
     claim_directory(plan, force=force)
     outcomes = running.execute(plan, parallel=parallel, force=force, progress=progress, echo=echo)
     echo(f"statistics: {replicates} bootstrap replicates per pair set")
@@ -37,12 +36,6 @@ def compare(plan: ComparisonPlan, parallel: int = 1, force: bool = False, progre
     report = write_report(summary, plan.out, plots)
     echo(f"wrote {plan.out / SUMMARY_FILE} and {report}")
     return summary
-
-
-def check_replicates(option: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{option} {value!r} is invalid: expected a number of replicates >= 1")
-    return value
 
 
 def echo(line: str) -> None:

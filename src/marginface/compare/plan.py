@@ -105,9 +105,7 @@ def make_plan(out: str | Path, base: Config, margins: list[MarginSpec], seeds: i
               ijb_target: str = DEFAULT_TARGET) -> ComparisonPlan:
     """Validate everything a comparison needs and lay out its runs under ``out``/runs/<margin>/seed<k>; with
     ``ijb`` (an IJB tree, `marginface eval --ijb`'s layout) the runs are scored on its ``ijb_target`` too."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ConfigError(f"--seeds {seeds!r} is invalid: expected a number of seeds >= 1 (runs use train.seed, "
-                          "train.seed+1, ...)")
+    check_count("--seeds", seeds, "seeds", " (runs use train.seed, train.seed+1, ...)")
     for spec in margins:
         check_margin(spec, base)
     chosen = resolve_baseline(margins, baseline)
@@ -117,6 +115,13 @@ def make_plan(out: str | Path, base: Config, margins: list[MarginSpec], seeds: i
     runs = tuple(RunPlan(spec, seed, run_config(base, spec, seed), out / "runs" / spec.directory / f"seed{seed}")
                  for seed in seed_values for spec in margins)
     return ComparisonPlan(out, base, tuple(margins), seed_values, chosen, runs, ijb_spec)
+
+
+def check_count(option: str, value: object, what: str, note: str = "") -> int:
+    """``value`` when it is an integer >= 1 (not a bool), else a ConfigError naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option} {value!r} is invalid: expected a number of {what} >= 1{note}")
+    return value
 
 
 def resolve_baseline(margins: list[MarginSpec], baseline: str | None) -> MarginSpec:

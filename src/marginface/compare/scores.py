@@ -32,10 +32,9 @@ def scores_are_current(run_dir: Path) -> bool:
 
 def scoring_device(config: Config) -> str:
     """Where a run's saved model is scored again: the device its config trained on (`auto`: CUDA when present)."""
-    import torch
+    from marginface.train.distributed import wants_cuda
 
-    use_cuda = config.train.device == "cuda" or (config.train.device == "auto" and torch.cuda.is_available())
-    return "cuda" if use_cuda else "cpu"
+    return "cuda" if wants_cuda(config.train.device) else "cpu"
 
 
 def compute_pair_scores(run_dir: str | os.PathLike, config: Config) -> dict[str, PairScores]:

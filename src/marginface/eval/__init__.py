@@ -32,7 +32,6 @@ _EXPORTS = {
     # embed.py
     "embed_images": "marginface.eval.embed",
     "embed_images_separate": "marginface.eval.embed",
-    "embed_images_with_norms": "marginface.eval.embed",
     # quality.py
     "QUALITY_HEADER": "marginface.eval.quality",
     "check_quality_path": "marginface.eval.quality",

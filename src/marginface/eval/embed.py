@@ -17,7 +17,7 @@ from torch import nn
 
 from marginface.errors import ConfigError
 
-__all__ = ["embed_images", "embed_images_separate", "embed_images_with_norms"]
+__all__ = ["embed_images", "embed_images_separate"]
 
 # In a log (CI, nohup) every redraw of a bar is kept: there it redraws at most this often.
 LOG_REDRAW_SECONDS = 30.0
@@ -115,27 +115,6 @@ def embed_images_separate(
     return orig, (torch.cat(flipped).numpy() if flip else None)
 
 
-def embed_images_with_norms(
-    model: nn.Module,
-    images: np.ndarray,
-    batch_size: int = 64,
-    flip: bool = True,
-    device: torch.device | str | None = None,
-    input_size: Sequence[int] | int | None = None,
-    progress: bool = False,
-    desc: str = "embed",
-) -> tuple[np.ndarray, float, np.ndarray]:
-    """`embed_images`' embeddings and XNorm, plus each image's raw norm, float32 [N]: ‖model(image)‖ of the image
-    as given, before any normalisation, not of its flip nor of the fused sum (MagFace trains this norm to be a
-    face-quality score). It comes from the same forward pass: asking for it costs no extra model run."""
-    orig, flipped = embed_images_separate(model, images, batch_size, flip, device, input_size, progress, desc)
-    norms = np.linalg.norm(orig, axis=1)
-    if flipped is None:
-        return orig, float(norms.mean()), norms
-    xnorm = float(np.concatenate([norms, np.linalg.norm(flipped, axis=1)]).mean())
-    return orig + flipped, xnorm, norms
-
-
 def embed_images(
     model: nn.Module,
     images: np.ndarray,
@@ -145,11 +124,19 @@ def embed_images(
     input_size: Sequence[int] | int | None = None,
     progress: bool = False,
     desc: str = "embed",
-) -> tuple[np.ndarray, float]:
+    return_norms: bool = False,
+) -> tuple[np.ndarray, float] | tuple[np.ndarray, float, np.ndarray]:
     """Embeddings float32 [N, D], unnormalised, fused as ``emb(orig) + emb(flip)`` when ``flip``, and the
     XNorm (mean L2 norm of the raw embeddings over both views and all images). See
-    `embed_images_separate` for preprocessing and ``progress``; `embed_images_with_norms` also gives each
-    image's norm."""
-    embeddings, xnorm, _ = embed_images_with_norms(model, images, batch_size, flip, device, input_size, progress,
-                                                   desc)
-    return embeddings, xnorm
+    `embed_images_separate` for preprocessing and ``progress``.
+
+    ``return_norms``: also each image's raw norm, float32 [N]: ‖model(image)‖ of the image as given, before any
+    normalisation, not of its flip nor of the fused sum (MagFace trains this norm to be a face-quality score).
+    It comes from the same forward pass: asking for it costs no extra model run."""
+    orig, flipped = embed_images_separate(model, images, batch_size, flip, device, input_size, progress, desc)
+    norms = np.linalg.norm(orig, axis=1)
+    if flipped is None:
+        embeddings, xnorm = orig, float(norms.mean())
+    else:
+        embeddings, xnorm = orig + flipped, float(np.concatenate([norms, np.linalg.norm(flipped, axis=1)]).mean())
+    return (embeddings, xnorm, norms) if return_norms else (embeddings, xnorm)

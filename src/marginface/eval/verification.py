@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from marginface.errors import ConfigError
-from marginface.eval.embed import embed_images_with_norms
+from marginface.eval.embed import embed_images
 from marginface.eval.metrics import DEFAULT_FARS, kfold_accuracy, pair_scores, tar_at_far
 
 __all__ = ["DEFAULT_BATCH_SIZE", "MIN_IMPOSTORS_PER_LEVEL", "evaluate_pairs", "supported_fars", "verification_table"]
@@ -63,13 +63,13 @@ def evaluate_pairs(model: nn.Module, pairset: object, batch_size: int = DEFAULT_
     """Embed a `PairSet` (flip fusion) and score it with `verification_table`; ``progress`` shows a bar on stderr
     while embedding. Returns the table, or a tuple of the table and what was asked for, in this order: with
     ``return_scores`` the cosine score of every pair (for ROC plots), with ``return_norms`` each image's raw
-    embedding norm in the set's order (float32 [2P], the quality score of `embed_images_with_norms`)."""
+    embedding norm in the set's order (float32 [2P], the quality score of `embed_images(..., return_norms=True)`)."""
     images = getattr(pairset, "images", None)
     issame = getattr(pairset, "issame", None)
     if images is None or issame is None:
         raise ConfigError("evaluate_pairs needs a PairSet (an object with .images and .issame)")
-    embeddings, norm, image_norms = embed_images_with_norms(model, images, batch_size=batch_size, flip=flip,
-                                                            progress=progress, desc=getattr(pairset, "name", None))
+    embeddings, norm, image_norms = embed_images(model, images, batch_size=batch_size, flip=flip, progress=progress,
+                                                 desc=getattr(pairset, "name", None), return_norms=True)
     scores = pair_scores(embeddings)
     table = verification_table(scores, issame, norm, getattr(pairset, "name", None))
     extras = ((scores,) if return_scores else ()) + ((image_norms,) if return_norms else ())

@@ -94,12 +94,17 @@ def scale_gradient(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     return ScaleGradient.apply(tensor, factor)
 
 
+def wants_cuda(device_request: str) -> bool:
+    """Whether train.device ``device_request`` trains on CUDA: `cuda`, or `auto` where a CUDA device is present."""
+    return torch.cuda.is_available() if device_request == "auto" else device_request == "cuda"
+
+
 def setup(device_request: str = "auto") -> World:
     """Initialise the process group when launched by torchrun; pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_request == "auto" else device_request == "cuda"
+    use_cuda = wants_cuda(device_request)
     if use_cuda and not torch.cuda.is_available():
         from marginface.errors import ConfigError
 

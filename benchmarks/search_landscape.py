@@ -177,9 +177,12 @@ def write_figure(path: Path, grid: list[float], stats: dict, searches: dict, reg
     for method, runs in searches.items():
         estimate = stats[method]["estimate"]
         found = float(np.mean([run["trajectory"]["found"] for run in runs]))
-        top.errorbar([found], [100 * estimate["value"]], yerr=[[100 * (estimate["value"] - estimate["low"])],
-                     [100 * (estimate["high"] - estimate["value"])]], fmt="s", color=colours.get(method),
-                     capsize=4, label=f"{method}: final model at its found margin (mean over seeds)")
+        # the interval as a bar of its own: a percentile interval need not contain the mean (few replicates),
+        # and errorbar's offsets from the point cannot be negative
+        top.errorbar([found], [50 * (estimate["low"] + estimate["high"])],
+                     yerr=[50 * (estimate["high"] - estimate["low"])], fmt="none", color=colours.get(method), capsize=4)
+        top.plot([found], [100 * estimate["value"]], "s", color=colours.get(method),
+                 label=f"{method}: final model at its found margin (mean over seeds)")
         for k, run in enumerate(runs):
             path_m = run["trajectory"]["best"]
             bottom.plot(path_m, range(1, len(path_m) + 1), "o-", color=colours.get(method), alpha=0.8,

@@ -32,6 +32,7 @@ import numpy as np
 import marginface as mf
 from marginface.compare.comparison import compare
 from marginface.compare.plan import make_plan, run_config
+from marginface.compare.plots import interval_bars
 from marginface.compare.scores import compute_pair_scores, load_pair_scores, scores_are_current
 from marginface.compare.spec import MarginSpec
 from marginface.compare.statistics import bootstrap_pair_set
@@ -177,10 +178,8 @@ def write_figure(path: Path, grid: list[float], stats: dict, searches: dict, reg
     for method, runs in searches.items():
         estimate = stats[method]["estimate"]
         found = float(np.mean([run["trajectory"]["found"] for run in runs]))
-        # the interval as a bar of its own: a percentile interval need not contain the mean (few replicates),
-        # and errorbar's offsets from the point cannot be negative
-        top.errorbar([found], [50 * (estimate["low"] + estimate["high"])],
-                     yerr=[50 * (estimate["high"] - estimate["low"])], fmt="none", color=colours.get(method), capsize=4)
+        interval_bars(top, [found], [100 * estimate["low"]], [100 * estimate["high"]], color=colours.get(method),
+                      capsize=4)
         top.plot([found], [100 * estimate["value"]], "s", color=colours.get(method),
                  label=f"{method}: final model at its found margin (mean over seeds)")
         for k, run in enumerate(runs):

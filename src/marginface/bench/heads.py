@@ -62,12 +62,11 @@ def make_step(
     else:
         head, _, engine = name.partition("@")
         module = margin_heads.create(head, num_classes=classes, embedding_size=dim, engine=engine or None)
-        module.to(device)
-        if shared is not None:
-            common = shared.setdefault("weight", module.weight)
-            if common.shape == module.weight.shape:  # sub-centre heads hold K rows per class: their own
-                module.weight = common
     module.to(device).train()
+    if shared is not None and name != PML:
+        common = shared.setdefault("weight", module.weight)
+        if common.shape == module.weight.shape:  # sub-centre heads hold K rows per class: their own
+            module.weight = common
 
     def step() -> float:
         x = embeddings.clone().requires_grad_(True)

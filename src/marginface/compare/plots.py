@@ -32,6 +32,15 @@ def comparison_roc_figure(pair_set: str, curves: Mapping[str, Sequence[tuple[np.
     return roc_figure(averaged, title=f"ROC on {pair_set} (mean over seeds)")
 
 
+def interval_bars(axis, x: Sequence[float], low: Sequence[float], high: Sequence[float], **style) -> None:
+    """Each interval [low, high] as a bar of its own at x, whatever the estimate beside it: a percentile interval
+    need not contain the mean (few replicates, skewed draws), and errorbar's offsets from a point cannot be
+    negative."""
+    middle = [(a + b) / 2 for a, b in zip(low, high, strict=True)]
+    half = [(b - a) / 2 for a, b in zip(low, high, strict=True)]
+    axis.errorbar(x, middle, yerr=half, fmt="none", **style)
+
+
 def interval_figure(summary: dict, kind: str) -> Figure | None:
     """Accuracy (``kind="estimates"``) or its paired difference to the baseline (``"differences"``) of every
     margin on every pair set, in percentage points, with 95 % bootstrap intervals as error bars."""
@@ -54,11 +63,7 @@ def interval_figure(summary: dict, kind: str) -> Figure | None:
             y.append(100 * entry["value"])
             low.append(100 * (entry["low"] if entry["low"] is not None else entry["value"]))
             high.append(100 * (entry["high"] if entry["high"] is not None else entry["value"]))
-        # the interval as a bar of its own: a percentile interval need not contain the mean (few replicates,
-        # skewed draws), and errorbar's offsets from the point cannot be negative
-        middle = [(a + b) / 2 for a, b in zip(low, high, strict=True)]
-        half = [(b - a) / 2 for a, b in zip(low, high, strict=True)]
-        axis.errorbar(x, middle, yerr=half, fmt="none", capsize=3, color=f"C{i % 10}")
+        interval_bars(axis, x, low, high, capsize=3, color=f"C{i % 10}")
         axis.plot(x, y, MARKERS[i % len(MARKERS)], markersize=5, label=label, color=f"C{i % 10}")
     axis.set_xticks(range(len(pair_sets)), pair_sets)
     axis.set_xlim(-0.5, len(pair_sets) - 0.5)

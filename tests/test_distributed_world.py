@@ -25,3 +25,44 @@ def test_gather_equal_on_one_process_adds_the_rank_axis() -> None:
     value = torch.tensor([0.25, 0.5], dtype=torch.float64)
     gathered = World().gather_equal(value)
     assert gathered.shape == (1, 2) and gathered.tolist() == [[0.25, 0.5]]
+
+
+EXITS_AFTER_A_RUN = """
+import logging, sys
+from marginface.train import distributed
+logging.basicConfig(stream=sys.stderr, format="%(message)s")
+print("summary written", end="")              # unflushed: exit_process must flush it
+sys.stderr.write("last stderr line")
+logging.getLogger("marginface").warning("last log line")
+distributed.exit_process(int(sys.argv[1]))
+print("never reached")
+"""
+
+
+def test_exit_process_keeps_the_exit_code_and_flushes_what_was_written(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    for code in (0, 3):
+        result = subprocess.run([sys.executable, "-c", EXITS_AFTER_A_RUN, str(code)], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == code
+        assert result.stdout == "summary written"
+        assert "last stderr line" in result.stderr and "last log line" in result.stderr
+
+
+def test_a_torchrun_rank_leaves_through_exit_process_and_one_process_returns(monkeypatch) -> None:
+    from marginface import cli
+    from marginface.train import distributed
+
+    exits: list[int] = []
+
+    def fake_exit(code: int) -> None:
+        exits.append(code)
+
+    monkeypatch.setattr(distributed, "exit_process", fake_exit)
+    monkeypatch.setattr(cli, "run_command", lambda argv=None: 4)
+    assert cli.main([]) == 4 and exits == []  # one process: finalization as usual
+    monkeypatch.setattr(distributed, "_started_process_group", True)
+    cli.main([])
+    assert exits == [4]

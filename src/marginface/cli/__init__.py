@@ -36,6 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = run_command(argv)
+    from marginface.train.distributed import exit_process, started_process_group
+
+    if started_process_group():
+        exit_process(code)  # a torchrun rank: skip the finalization that gloo's threads can abort
+    return code
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run its command and return the exit code (user errors become one line and code 2)."""
     parser = build_parser()
     # key=value overrides may come before or after options (argparse alone cannot intermix positionals).
     args, extras = parser.parse_known_args(argv)

@@ -6,10 +6,12 @@ LOCAL_RANK (and multi-node rendezvous through its own flags); a plain `marginfac
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -99,6 +101,10 @@ def wants_cuda(device_request: str) -> bool:
     return torch.cuda.is_available() if device_request == "auto" else device_request == "cuda"
 
 
+# Whether this process started a process group (see `exit_process`).
+_started_process_group = False
+
+
 def setup(device_request: str = "auto") -> World:
     """Initialise the process group when launched by torchrun; pick the device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,10 +121,36 @@ def setup(device_request: str = "auto") -> World:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        global _started_process_group
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        _started_process_group = True
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def teardown(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def started_process_group() -> bool:
+    """Whether `setup` started a process group in this process (torchrun with more than one rank)."""
+    return _started_process_group
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code`` now, without the interpreter's finalization.
+
+    Why: a process that ran a gloo process group can abort at interpreter exit, after the run has finished,
+    written its outputs and destroyed the group: gloo's worker threads are still alive when their objects are
+    destroyed, and the C++ runtime prints "terminate called without an active exception" and raises SIGABRT
+    (exit code -6; pytorch issue 190489). torchrun then reports the rank as failed and a finished run looks
+    crashed. Every output of a run is written atomically and closed before the command returns, so nothing is
+    lost by skipping finalization; the streams and logging are flushed here by hand.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream has nothing left to write
+            pass
+    os._exit(code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from marginface.bench import heads
@@ -41,3 +42,20 @@ def test_the_variants_of_a_round_share_one_class_centre_matrix():
     losses = [step() for step in steps]
     assert all(loss > 0 for loss in losses)
     assert shared["weight"].grad is None  # each step lets its gradient go: the next variant starts clean
+
+
+def test_round_summary_takes_per_round_ratios_their_median_and_quartiles():
+    times = {
+        heads.FLOOR: [1.0, 2.0, 1.0, 1.0, 4.0],
+        "arcface@chunked": [1.0, 2.0, 2.0, 1.0, 4.0],
+        "npcface@chunked": [1.1, 1.8, 2.4, 1.3, 4.4],  # per round / ArcFace: 1.1, 0.9, 1.2, 1.3, 1.1
+    }
+    summary = heads.summarise_rounds(times)
+    npc = summary["npcface@chunked"]
+    assert npc["ratio_to_arcface"] == pytest.approx(1.1)  # the median of the per-round ratios
+    # sorted 0.9, 1.1, 1.1, 1.2, 1.3: inclusive quartiles at positions 1 and 3
+    assert npc["ratio_to_arcface_quartiles"] == pytest.approx((1.1, 1.2))
+    assert npc["ratio_to_floor"] == pytest.approx(1.1)  # 1.1, 0.9, 2.4, 1.3, 1.1
+    assert npc["ratio_to_pml"] is None and npc["best_seconds"] == 1.1
+    assert summary[heads.FLOOR]["ratio_to_arcface"] is None
+    assert summary["arcface@chunked"]["ratio_to_arcface_quartiles"] == pytest.approx((1.0, 1.0))

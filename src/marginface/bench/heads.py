@@ -110,7 +110,7 @@ def check_correctness(names: list[str], classes: int = 4000, dim: int = 512, bat
 def run_rounds(
     names: list[str], batch: int, classes: int, dim: int, rounds: int, device: str = "cpu", dtype: str = "float32"
 ) -> dict[str, dict[str, float | None]]:
-    """Median time ratios (to the floor, to PML, to ArcFace on the same engine) and best time per variant."""
+    """Time ``rounds`` interleaved rounds of every variant; their ``summarise_rounds``."""
     shared: dict[str, torch.nn.Parameter] = {}
     steps = {name: make_step(name, batch, classes, dim, device=device, dtype=dtype, shared=shared) for name in names}
     for step in steps.values():  # warm-up round: allocator, oneDNN kernels, lazy imports
@@ -122,20 +122,39 @@ def run_rounds(
             start = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - start)
+    return summarise_rounds(times)
 
-    def ratio(name: str, reference: str) -> float | None:
+
+def summarise_rounds(times: dict[str, list[float]]) -> dict[str, dict[str, float | None]]:
+    """Per variant, from its step times round by round: the median over rounds of its time divided by the
+    floor's, PML's and ArcFace's (same engine) in the same round, the quartiles of the ratio to ArcFace, and its
+    best time.
+
+    The quartiles say how far one round's ratio strays: on a shared 2-core VM they span ±5–10 %, so a median of
+    5 rounds moves by as much as a 1.1× gate allows, and deciding such a gate takes 15–25 rounds.
+    """
+    def ratios(name: str, reference: str) -> list[float] | None:
         if reference not in times:
             return None
-        return statistics.median(t / r for t, r in zip(times[name], times[reference], strict=True))
+        return [t / r for t, r in zip(times[name], times[reference], strict=True)]
+
+    def median(values: list[float] | None) -> float | None:
+        return None if values is None else statistics.median(values)
 
     summary: dict[str, dict[str, float | None]] = {}
-    for name in names:
+    for name, measured in times.items():
         engine = name.partition("@")[2]
+        to_arcface = ratios(name, variant("arcface", engine)) if engine else None
+        quartiles = None
+        if to_arcface is not None and len(to_arcface) > 1:
+            low, _, high = statistics.quantiles(to_arcface, n=4, method="inclusive")
+            quartiles = (low, high)
         summary[name] = {
-            "ratio_to_floor": ratio(name, FLOOR),
-            "ratio_to_pml": ratio(name, PML),
-            "ratio_to_arcface": ratio(name, variant("arcface", engine)) if engine else None,
-            "best_seconds": min(times[name]),
+            "ratio_to_floor": median(ratios(name, FLOOR)),
+            "ratio_to_pml": median(ratios(name, PML)),
+            "ratio_to_arcface": median(to_arcface),
+            "ratio_to_arcface_quartiles": quartiles,
+            "best_seconds": min(measured),
         }
     return summary
 
@@ -208,16 +227,20 @@ def print_table(summary: dict[str, dict[str, float | None]], batch: int, classes
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}"
 
+    def spread(quartiles: tuple[float, float] | None) -> str:
+        return "" if quartiles is None else f" [{quartiles[0]:.2f}, {quartiles[1]:.2f}]"
+
     print(f"\nB = {batch}, C = {classes:,}, D = {dim}, {dtype}, forward + backward, "
           f"median of {rounds} interleaved rounds")
     memory_column = " extra memory (MB) |" if memory else ""
-    print("| variant | time / floor | time / PML ArcFaceLoss | time / ArcFace (same engine) | best (s) |"
+    print("| variant | time / floor | time / PML ArcFaceLoss | time / ArcFace (same engine) [quartiles] | best (s) |"
           + memory_column)
     print(f"|---|---:|---:|---:|---:|{'---:|' if memory else ''}")
     for name, row in summary.items():
         extra = f" {row['extra_rss_mb']:.0f} |" if memory else ""
         print(f"| {name} | {cell(row['ratio_to_floor'])} | {cell(row['ratio_to_pml'])} | "
-              f"{cell(row['ratio_to_arcface'])} | {row['best_seconds']:.3f} |{extra}")
+              f"{cell(row['ratio_to_arcface'])}{spread(row.get('ratio_to_arcface_quartiles'))} | "
+              f"{row['best_seconds']:.3f} |{extra}")
 
 
 

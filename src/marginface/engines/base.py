@@ -135,13 +135,8 @@ class Engine:
         with torch.no_grad():
             for start in range(0, classes, block):
                 stop = min(start + block, classes)
-                if rows is None:
-                    centres = weight[start * subcenters : stop * subcenters]
-                else:
-                    index = rows[start:stop, None] * subcenters + torch.arange(subcenters, device=rows.device)
-                    centres = weight[index.reshape(-1)]
-                cos = class_cosines(x_hat, centres, subcenters)
-                target_index = torch.where((labels >= start) & (labels < stop), labels - start, -1)
+                cos = class_cosines(x_hat, class_block(weight, rows, start, stop, subcenters), subcenters)
+                target_index = block_target_index(labels, start, stop)
                 parts.append(margin.state_row_statistics(cos, target_index, target_cos))
         reductions = dict(margin.state_reductions)
         return self.combine_state_rows(combine_row_statistics(parts, reductions), reductions)
@@ -284,6 +279,28 @@ def count_hard(
     count = hard_indicator(cos, ctx, out=scratch.buffer(cos, 0)).sum(1).long()
     target_is_hard = (target_index >= 0) & (ctx["target_cos"] > threshold)
     return count - target_is_hard.long()
+
+
+def block_target_index(labels: Tensor, start: int, stop: int) -> Tensor:
+    """Each row's target column inside classes [start, stop), −1 where the target lies elsewhere."""
+    inside = (labels >= start) & (labels < stop)
+    return torch.where(inside, labels - start, -1)
+
+
+def class_block(weight: Tensor, rows: Tensor | None, start: int, stop: int, subcenters: int = 1) -> Tensor:
+    """Classes [start, stop) of the pass: W's own rows, or the kept rows ``rows[start:stop]`` gathered (a block
+    at a time, so the kept [C_kept, D] matrix is never copied whole). With K sub-centres a class is K rows,
+    j·K … j·K + K − 1."""
+    if rows is None:
+        return weight[start * subcenters : stop * subcenters]
+    return weight[subcentre_rows(rows[start:stop], subcenters)]
+
+
+def subcentre_rows(classes: Tensor, subcenters: int) -> Tensor:
+    """W's row ids of the classes ``classes`` (each class's K sub-centres in order)."""
+    if subcenters == 1:
+        return classes
+    return (classes[:, None] * subcenters + torch.arange(subcenters, device=classes.device)).reshape(-1)
 
 
 def rows_of(rows: Tensor, labels: Tensor) -> Tensor:

@@ -12,11 +12,14 @@ from torch import Tensor
 from marginface.engines.base import (
     ClassPass,
     Engine,
+    block_target_index,
     check_int_option,
     check_number_option,
+    class_block,
     count_hard,
     inverse_norms,
     rows_of,
+    subcentre_rows,
     target_cosines,
 )
 from marginface.engines.sampling import GradientBuffer
@@ -80,28 +83,6 @@ class ChunkedEngine(Engine):
         if self.chunk_size is not None:
             return self.chunk_size
         return max(MIN_CHUNK, 1 << max(0, (BLOCK_ELEMENTS // max(1, batch)).bit_length() - 1))
-
-
-def block_target_index(labels: Tensor, start: int, stop: int) -> Tensor:
-    """Each row's target column inside classes [start, stop), −1 where the target lies elsewhere."""
-    inside = (labels >= start) & (labels < stop)
-    return torch.where(inside, labels - start, -1)
-
-
-def class_block(weight: Tensor, rows: Tensor | None, start: int, stop: int, subcenters: int = 1) -> Tensor:
-    """Classes [start, stop) of the pass: W's own rows, or the kept rows ``rows[start:stop]`` gathered (a block
-    at a time, so the kept [C_kept, D] matrix is never copied whole). With K sub-centres a class is K rows,
-    j·K … j·K + K − 1."""
-    if rows is None:
-        return weight[start * subcenters : stop * subcenters]
-    return weight[subcentre_rows(rows[start:stop], subcenters)]
-
-
-def subcentre_rows(classes: Tensor, subcenters: int) -> Tensor:
-    """W's row ids of the classes ``classes`` (each class's K sub-centres in order)."""
-    if subcenters == 1:
-        return classes
-    return (classes[:, None] * subcenters + torch.arange(subcenters, device=classes.device)).reshape(-1)
 
 
 def nearest_subcentre(cos: Tensor, subcenters: int) -> tuple[Tensor, Tensor]:

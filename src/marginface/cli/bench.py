@@ -44,8 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     heads.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="precision of the embeddings; bf16/fp16 run the head under autocast (default float32)")
     heads.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    heads.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3: a quick look; to decide a 10%% difference use 15-25, as the "
-                            "quartiles of the ratio to ArcFace show)")
+    heads.add_argument(
+        "--rounds", type=int, default=3,
+        help="interleaved timing rounds (default 3: a quick look; to decide a 10%% difference use 15-25, "
+             "as the quartiles of the ratio to ArcFace show)",
+    )
     heads.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
     heads.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     heads.set_defaults(func=run_heads)

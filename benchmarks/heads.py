@@ -39,6 +39,8 @@ def main() -> None:
     # One round's ratio strays by ±5–10 % on a shared 2-core VM: 21 rounds pin the median to about ±0.02, what a
     # 1.1x gate needs (5 rounds gave medians 0.15 apart for one commit; docs/benchmarks.md).
     parser.add_argument("--rounds", type=int, default=21)
+    # A neighbour's burst only adds time: the fastest of 3 passes per round is the step's own cost (docs/benchmarks.md).
+    parser.add_argument("--repeats", type=int, default=1, help="passes per round, each variant's fastest kept")
     parser.add_argument("--heads", nargs="+", default=DEFAULT_HEADS)
     parser.add_argument("--engines", nargs="+", default=mf.engines.available())
     parser.add_argument("--no-pml", action="store_true", help="leave out pytorch-metric-learning's ArcFaceLoss")
@@ -70,10 +72,10 @@ def main() -> None:
     print("correctness gate (fp32 vs float64, worst relative error of loss and both gradients): "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     results = {"torch": torch.__version__, "threads": torch.get_num_threads(), "dim": args.dim,
-               "rounds": args.rounds, "correctness": errors, "runs": {}}
+               "rounds": args.rounds, "repeats": args.repeats, "correctness": errors, "runs": {}}
     for classes in args.classes:
         for batch in args.batch_sizes:
-            summary = run_rounds(names, batch, classes, args.dim, args.rounds)
+            summary = run_rounds(names, batch, classes, args.dim, args.rounds, repeats=args.repeats)
             if args.memory:
                 for name in names:
                     summary[name]["extra_rss_mb"] = memory_probe(name, batch, classes, args.dim)

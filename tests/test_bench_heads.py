@@ -59,3 +59,31 @@ def test_round_summary_takes_per_round_ratios_their_median_and_quartiles():
     assert npc["ratio_to_pml"] is None and npc["best_seconds"] == 1.1
     assert summary[heads.FLOOR]["ratio_to_arcface"] is None
     assert summary["arcface@chunked"]["ratio_to_arcface_quartiles"] == pytest.approx((1.0, 1.0))
+
+
+def test_repeated_passes_keep_each_variants_fastest_step_per_round(monkeypatch):
+    clock = [0.0]
+    # each variant's step durations in call order: the warm-up, then round 0's two passes, then round 1's
+    durations = {
+        heads.FLOOR: iter([9.0, 1.0, 5.0, 3.0, 1.0]),
+        "arcface@chunked": iter([9.0, 2.0, 2.0, 2.0, 8.0]),
+        "npcface@chunked": iter([9.0, 7.0, 2.2, 2.4, 2.6]),
+    }
+
+    def fake_step(name, *args, **kwargs):
+        def step() -> float:
+            clock[0] += next(durations[name])
+            return 1.0
+        return step
+
+    monkeypatch.setattr(heads, "make_step", fake_step)
+    monkeypatch.setattr(heads.time, "perf_counter", lambda: clock[0])
+    summary = heads.run_rounds(list(durations), batch=8, classes=10, dim=4, rounds=2, repeats=2)
+    # fastest per round: floor 1.0, 1.0; ArcFace 2.0, 2.0; NPCFace 2.2, 2.4 -> ratios 1.1 and 1.2 to ArcFace
+    assert summary["npcface@chunked"]["ratio_to_arcface"] == pytest.approx(1.15)
+    assert summary["npcface@chunked"]["ratio_to_floor"] == pytest.approx(2.3)
+    assert summary["arcface@chunked"]["ratio_to_floor"] == pytest.approx(2.0)
+    assert summary[heads.FLOOR]["best_seconds"] == 1.0
+    assert all(next(d, None) is None for d in durations.values())  # warm-up + 2 rounds x 2 passes, no more
+    with pytest.raises(ValueError, match="repeats must be a positive integer"):
+        heads.run_rounds(list(durations), batch=8, classes=10, dim=4, rounds=1, repeats=0)

@@ -55,6 +55,7 @@ def test_bench_heads_prints_every_variant(capsys):
     ("args", "needle"),
     [
         (["--classes", "1"], "--classes=1 is invalid"),
+        (["--repeats", "0"], "--repeats=0 is invalid"),
         (["--margins", "arcfaec"], "unknown margin 'arcfaec'"),
         (["--engines", "fused"], "unknown engine 'fused'"),
         (["--device", "cuda:0"] , "sees no CUDA GPU"),

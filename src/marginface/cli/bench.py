@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="interleaved timing rounds (default 3: a quick look; to decide a 10%% difference use 15-25, "
              "as the quartiles of the ratio to ArcFace show)",
     )
+    heads.add_argument("--repeats", type=int, default=1,
+                       help="passes per round; each variant's fastest counts (default 1; 3 resists a noisy VM)")
     heads.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
     heads.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     heads.set_defaults(func=run_heads)
@@ -86,7 +88,7 @@ def run_heads(args: argparse.Namespace) -> int:
     from marginface.errors import ConfigError
     from marginface.margins.registry import margin_class
 
-    for option in ("batch_size", "classes", "embedding_size", "rounds"):
+    for option in ("batch_size", "classes", "embedding_size", "rounds", "repeats"):
         value = getattr(args, option)
         if value < (2 if option == "classes" else 1):
             raise ConfigError(f"--{option.replace('_', '-')}={value} is invalid: expected a positive integer"
@@ -107,7 +109,7 @@ def run_heads(args: argparse.Namespace) -> int:
     peers = [bench.FLOOR] + ([bench.PML] if bench.pml_available() else [])
     errors = bench.check_correctness(variants)
     summary = bench.run_rounds(peers + variants, args.batch_size, args.classes, args.embedding_size,
-                               args.rounds, device=args.device, dtype=args.dtype)
+                               args.rounds, device=args.device, dtype=args.dtype, repeats=args.repeats)
     if not args.no_memory:
         for name in summary:
             summary[name]["extra_rss_mb"] = bench.memory_probe(

@@ -39,7 +39,8 @@ def main() -> None:
     # One round's ratio strays by ±5–10 % on a shared 2-core VM: 21 rounds pin the median to about ±0.02, what a
     # 1.1x gate needs (5 rounds gave medians 0.15 apart for one commit; docs/benchmarks.md).
     parser.add_argument("--rounds", type=int, default=21)
-    # A neighbour's burst only adds time: the fastest of 3 passes per round is the step's own cost (docs/benchmarks.md).
+    # A neighbour's burst only adds time, so a round may keep each variant's fastest of N passes; on the EPYC VM that
+    # did not narrow the spread at B = 128, C = 360k, which is page faulting (docs/benchmarks.md).
     parser.add_argument("--repeats", type=int, default=1, help="passes per round, each variant's fastest kept")
     parser.add_argument("--heads", nargs="+", default=DEFAULT_HEADS)
     parser.add_argument("--engines", nargs="+", default=mf.engines.available())
@@ -80,7 +81,7 @@ def main() -> None:
                 for name in names:
                     summary[name]["extra_rss_mb"] = memory_probe(name, batch, classes, args.dim)
             results["runs"][f"B={batch},C={classes}"] = summary
-            print_table(summary, batch, classes, args.dim, args.rounds, args.memory)
+            print_table(summary, batch, classes, args.dim, args.rounds, args.memory, repeats=args.repeats)
             sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as stream:

@@ -96,8 +96,10 @@ def check_correctness(names: list[str], classes: int = 4000, dim: int = 512, bat
         results = []
         for head, x in ((head64, embeddings.clone()), (head32, embeddings.float())):
             x.requires_grad_(True)
-            torch.manual_seed(2)  # the same draw of classes for both precisions (Partial FC samples per step)
-            loss = head(x, labels)
+            # the same draw of classes for both precisions (Partial FC samples per step), the caller's RNG untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(2)
+                loss = head(x, labels)
             loss.backward()
             results.append((loss.double(), x.grad.double(), head.weight.grad.double()))
         pairs = zip(results[1], results[0], strict=True)
@@ -235,7 +237,7 @@ def largest_classes(name: str, batch: int, dim: int, budget_gib: float, probes: 
 
 
 def print_table(summary: dict[str, dict[str, float | None]], batch: int, classes: int, dim: int, rounds: int,
-                memory: bool, dtype: str = "float32") -> None:
+                memory: bool, dtype: str = "float32", repeats: int = 1) -> None:
     """The markdown table of docs/benchmarks.md."""
     def cell(value: float | None) -> str:
         return "" if value is None else f"{value:.2f}"
@@ -243,8 +245,9 @@ def print_table(summary: dict[str, dict[str, float | None]], batch: int, classes
     def spread(quartiles: tuple[float, float] | None) -> str:
         return "" if quartiles is None else f" [{quartiles[0]:.2f}, {quartiles[1]:.2f}]"
 
+    passes = f", each variant's fastest of {repeats} passes" if repeats > 1 else ""
     print(f"\nB = {batch}, C = {classes:,}, D = {dim}, {dtype}, forward + backward, "
-          f"median of {rounds} interleaved rounds")
+          f"median of {rounds} interleaved rounds{passes}")
     memory_column = " extra memory (MB) |" if memory else ""
     print("| variant | time / floor | time / PML ArcFaceLoss | time / ArcFace (same engine) [quartiles] | best (s) |"
           + memory_column)

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "as the quartiles of the ratio to ArcFace show)",
     )
     heads.add_argument("--repeats", type=int, default=1,
-                       help="passes per round; each variant's fastest counts (default 1; 3 resists a noisy VM)")
+                       help="passes per round; each variant's fastest counts (default 1)")
     heads.add_argument("--no-memory", action="store_true", help="skip the per-variant memory measurement")
     heads.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     heads.set_defaults(func=run_heads)
@@ -123,7 +123,7 @@ def run_heads(args: argparse.Namespace) -> int:
     print("correctness (fp32 vs float64, worst relative error): "
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     bench.print_table(summary, args.batch_size, args.classes, args.embedding_size, args.rounds,
-                      not args.no_memory, dtype=args.dtype)
+                      not args.no_memory, dtype=args.dtype, repeats=args.repeats)
     return 0
 
 
